@@ -1,0 +1,1 @@
+"""Output-centric safety training (safe-completions) in JAX/Flax."""
