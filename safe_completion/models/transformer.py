@@ -1,0 +1,347 @@
+"""A pure-functional decoder-only transformer for the Llama, Qwen2 and Gemma families.
+
+One module with config switches for the families (not one class per family):
+Llama (RMSNorm, RoPE with optional Llama-3 scaling, SwiGLU, grouped-query
+attention), Qwen2 (q/k/v bias, tied or untied embeddings) and Gemma / Gemma 2
+(sqrt(d) embedding scale, GeGLU, RMSNorm with (1 + w), tied embeddings, logit
+soft-capping, post-norms and alternating sliding-window layers).
+
+Layers are scanned with `nn.scan` (params carry a leading `layers` axis) and
+rematerialised by a named policy. Every param carries logical axis names, so
+`parallel.py` maps them onto any mesh with rules from the config.
+
+Attention is driven by explicit positions and segment ids: segment id 0 is
+padding, equal non-zero ids attend to each other causally. This one mechanism
+covers left-padded batches, packed sequences and KV-cache decoding.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True), "gelu": lambda x: nn.gelu(x, approximate=False)}
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a decoder. Hashable, so it can be a static jit arg."""
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  activation: str = "silu"
+  norm_eps: float = 1e-6
+  norm_offset: bool = False  # Gemma: scale by (1 + w), weights initialised at 0.
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # default | linear | llama3
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  scale_embeddings: bool = False
+  query_pre_attn_scalar: float | None = None  # Gemma 2; None means head_dim.
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  post_norms: bool = False  # Gemma 2: norms after attention and MLP too.
+  sliding_window: int | None = None
+  sliding_window_pattern: int = 2  # Every n-th layer is global, the others slide.
+  max_seq_len: int = 2048
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    for field, value, choices in (("activation", self.activation, _ACTIVATIONS),
+                                  ("remat_policy", self.remat_policy, _REMAT_POLICIES),
+                                  ("dtype", self.dtype, _DTYPES), ("param_dtype", self.param_dtype, _DTYPES),
+                                  ("rope_type", self.rope_type, ("default", "linear", "llama3"))):
+      if value not in choices:
+        raise ValueError(f"model.{field}={value!r} is not one of {sorted(choices)}")
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Which layers use the sliding window (Gemma 2: layers 0, 2, 4, ...)."""
+    if self.sliding_window is None:
+      return (False,) * self.num_layers
+    return tuple((i + 1) % self.sliding_window_pattern != 0 for i in range(self.num_layers))
+
+
+def model_config(**fields) -> ModelConfig:
+  """A ModelConfig from a config section (e.g. `config.model.to_dict()`); unknown fields are errors."""
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(known)}")
+  return ModelConfig(**fields)
+
+
+def rope_inv_freq(config: ModelConfig) -> Array:
+  """Inverse frequencies of the rotary embedding, with linear or Llama-3 scaling."""
+  exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** exponents)
+  if config.rope_type == "linear":
+    return inv_freq / config.rope_factor
+  if config.rope_type == "llama3":
+    low_freq_wavelen = config.rope_original_max_position / config.rope_low_freq_factor
+    high_freq_wavelen = config.rope_original_max_position / config.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / config.rope_factor, inv_freq)
+    smooth = (config.rope_original_max_position / wavelen - config.rope_low_freq_factor) / (
+        config.rope_high_freq_factor - config.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotates [B, T, H, D] by positions [B, T] (the half-split layout of HF checkpoints)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def attention_mask(query_slots: Array, key_slots: Array, query_segments: Array, key_segments: Array,
+                   window: int | None = None) -> Array:
+  """[B, T, S] bool: causal in slot order, same segment, key not padding, optional window."""
+  causal = key_slots[None, None, :] <= query_slots[None, :, None]
+  same_segment = query_segments[:, :, None] == key_segments[:, None, :]
+  mask = causal & same_segment & (key_segments[:, None, :] != 0)
+  if window is not None:
+    mask &= (query_slots[None, :, None] - key_slots[None, None, :]) < window
+  return mask
+
+
+def _dense(features, logical_axes, config: ModelConfig, axis=-1, use_bias=False, name=None):
+  bias_axes = logical_axes[-len(features):] if isinstance(features, tuple) else logical_axes[-1:]
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=config.compute_dtype,
+      param_dtype=config.weight_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), logical_axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm in float32; Gemma's variant scales by (1 + w)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    init = nn.initializers.zeros_init() if cfg.norm_offset else nn.initializers.ones_init()
+    scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+    scale = scale.astype(jnp.float32) + (1.0 if cfg.norm_offset else 0.0)
+    return (normed * scale).astype(cfg.compute_dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE, optional qkv bias, soft-capping and a KV cache."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache, cache_index):
+    cfg = self.config
+    batch, length, _ = x.shape
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = _dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="q_proj")(x)
+    k = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="k_proj")(x)
+    v = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="v_proj")(x)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    new_cache = None
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+    q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+    if cfg.attn_logit_softcap is not None:
+      scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    out = _dense(cfg.hidden_size, ("heads", "head_dim", "embed"), cfg, axis=(-2, -1), name="o_proj")(out)
+    return out, new_cache
+
+
+class Mlp(nn.Module):
+  """Gated MLP: SwiGLU (Llama, Qwen2) or GeGLU (Gemma)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    gate = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="gate_proj")(x)
+    up = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="up_proj")(x)
+    hidden = _ACTIVATIONS[cfg.activation](gate) * up
+    hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(hidden)
+
+
+class Block(nn.Module):
+  """One decoder layer; the scanned unit. Returns (x, layer cache) as nn.scan expects."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, global_mask, local_mask, cache_index, is_sliding, layer_cache):
+    cfg = self.config
+    mask = global_mask if local_mask is None else jnp.where(is_sliding, local_mask, global_mask)
+    attn_out, new_cache = Attention(cfg, name="attn")(
+        RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask, layer_cache, cache_index)
+    if cfg.post_norms:
+      attn_out = RMSNorm(cfg, name="post_attn_norm")(attn_out)
+    x = x + attn_out
+    mlp_out = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x))
+    if cfg.post_norms:
+      mlp_out = RMSNorm(cfg, name="post_mlp_norm")(mlp_out)
+    x = x + mlp_out
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, new_cache
+
+
+class Decoder(nn.Module):
+  """Tokens -> logits. With a cache, writes the new keys/values at `cache["index"]`.
+
+  Call as `Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids, cache)`:
+  tokens, positions, segment_ids are [B, T] int32; returns (logits f32 [B, T, V], new cache or None).
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache: Cache | None = None):
+    cfg = self.config
+    embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.compute_dtype)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    length = tokens.shape[1]
+    if cache is None:
+      cache_index = jnp.zeros((), jnp.int32)
+      query_slots = key_slots = jnp.arange(length)
+      key_segments, layer_cache = segment_ids, None
+    else:
+      cache_index = cache["index"]
+      key_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
+      query_slots = cache_index + jnp.arange(length)
+      key_slots = jnp.arange(key_segments.shape[1])
+      layer_cache = cache["layers"]
+    global_mask = attention_mask(query_slots, key_slots, segment_ids, key_segments)
+    local_mask = None
+    if cfg.sliding_window is not None:
+      local_mask = attention_mask(query_slots, key_slots, segment_ids, key_segments, cfg.sliding_window)
+
+    block = Block
+    if _REMAT_POLICIES[cfg.remat_policy] is not None:
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    is_sliding = jnp.asarray(cfg.sliding_layers())
+    x, new_layer_cache = layers(x, positions, global_mask, local_mask, cache_index, is_sliding, layer_cache)
+
+    x = RMSNorm(cfg, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    else:
+      head = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                        (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+      logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap is not None:
+      logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    new_cache = None
+    if cache is not None:
+      new_cache = {"index": cache_index + length, "segment_ids": key_segments, "layers": new_layer_cache}
+    return logits, new_cache
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
+  """An empty KV cache: per-layer keys/values [L, B, S, Hkv, D], key segment ids, write index."""
+  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  dtype = dtype or config.compute_dtype
+  return {
+      "index": jnp.zeros((), jnp.int32),
+      "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+      "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+  }
+
+
+def _dummy_inputs(batch_size: int = 1, length: int = 1):
+  ones = jnp.ones((batch_size, length), jnp.int32)
+  return ones, jnp.zeros((batch_size, length), jnp.int32), ones
+
+
+def init_params(config: ModelConfig, rng: Array) -> dict:
+  """Random params as a plain pytree (logical-axis boxes removed)."""
+  variables = Decoder(config).init(rng, *_dummy_inputs())
+  return nn.meta.unbox(variables["params"])
+
+
+def logical_param_specs(config: ModelConfig) -> dict:
+  """PartitionSpecs of logical axis names for every param, computed without allocating."""
+  boxed = jax.eval_shape(lambda rng: Decoder(config).init(rng, *_dummy_inputs()), jax.random.key(0))
+  return nn.get_partition_spec(boxed["params"])
+
+
+def forward(params: dict, config: ModelConfig, tokens: Array, positions: Array, segment_ids: Array) -> Array:
+  """Logits [B, T, V] of a full (uncached) forward pass."""
+  logits, _ = Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
+  return logits
+
+
+def positions_from_mask(mask: Array) -> Array:
+  """Positions for a left- or right-padded batch: 0, 1, ... over the real tokens of each row."""
+  mask = mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask
+
+
+def num_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
