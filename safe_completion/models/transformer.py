@@ -145,13 +145,33 @@ def attention_mask(query_slots: Array, key_slots: Array, query_segments: Array, 
   return mask
 
 
-def _dense(features, logical_axes, config: ModelConfig, axis=-1, use_bias=False, name=None):
-  bias_axes = logical_axes[-len(features):] if isinstance(features, tuple) else logical_axes[-1:]
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=config.compute_dtype,
-      param_dtype=config.weight_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), logical_axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes))
+class Dense(nn.Module):
+  """x @ kernel over the last `contract_dims` axes of x, with named kernel axes.
+
+  Kernels keep their multi-axis shape (e.g. [embed, heads, head_dim]) so each
+  axis can be sharded on its own.
+  """
+
+  features: tuple[int, ...]
+  logical_axes: tuple[str, ...]
+  config: ModelConfig
+  contract_dims: int = 1
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    in_shape = x.shape[-self.contract_dims:]
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.logical_axes),
+                        in_shape + self.features, cfg.weight_dtype)
+    contract = (tuple(range(x.ndim - self.contract_dims, x.ndim)), tuple(range(self.contract_dims)))
+    y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             self.logical_axes[-len(self.features):]),
+                        self.features, cfg.weight_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
 
 
 class RMSNorm(nn.Module):
@@ -180,9 +200,9 @@ class Attention(nn.Module):
     cfg = self.config
     batch, length, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
-    q = _dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="q_proj")(x)
-    k = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="k_proj")(x)
-    v = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="v_proj")(x)
+    q = Dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="q_proj")(x)
+    k = Dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="k_proj")(x)
+    v = Dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg, use_bias=cfg.qkv_bias, name="v_proj")(x)
     inv_freq = rope_inv_freq(cfg)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
@@ -201,7 +221,7 @@ class Attention(nn.Module):
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, cfg.num_heads, cfg.head_dim)
-    out = _dense(cfg.hidden_size, ("heads", "head_dim", "embed"), cfg, axis=(-2, -1), name="o_proj")(out)
+    out = Dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract_dims=2, name="o_proj")(out)
     return out, new_cache
 
 
@@ -213,11 +233,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    gate = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="gate_proj")(x)
-    up = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, name="up_proj")(x)
+    gate = Dense((cfg.mlp_dim,), ("embed", "mlp"), cfg, name="gate_proj")(x)
+    up = Dense((cfg.mlp_dim,), ("embed", "mlp"), cfg, name="up_proj")(x)
     hidden = _ACTIVATIONS[cfg.activation](gate) * up
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-    return _dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(hidden)
+    return Dense((cfg.hidden_size,), ("mlp", "embed"), cfg, name="down_proj")(hidden)
 
 
 class Block(nn.Module):
