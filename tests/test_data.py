@@ -2,6 +2,8 @@
 
 import collections
 import csv
+import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -232,3 +234,74 @@ def test_no_prompt_is_in_both_grade_splits(shipped_grades):
 def test_shipped_grades_come_from_shipped_train_prompts(shipped_prompts, shipped_grades):
   train_ids = {p.id for p in shipped_prompts[0] if p.split == "train"}
   assert {g.prompt_id for g in shipped_grades[0]} <= train_ids
+
+
+# The grade builder on a small synthetic data directory.
+
+
+def _load_script(name):
+  spec = importlib.util.spec_from_file_location(name, DATA.parent / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def tiny_data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  (root / "prompts").mkdir()
+  (root / "demonstrations").mkdir()
+  modes = {"benign": ("direct", "direct"), "dual_use": ("safe_completion", "refusal"),
+           "malicious": ("safe_completion", "refusal")}
+  prompts, demos = [], []
+  for category in ("cybersecurity", "self_harm"):
+    for intent in taxonomy.INTENTS:
+      for n in range(1, 7):
+        prompts.append(_prompt(category, intent, n=n, messages=[
+            {"role": "user", "content": f"Question {n} about {category}? More words."}]))
+        for arm, mode in zip(taxonomy.ARMS, modes[intent]):
+          demos.append(_demo(prompts[-1]["id"], arm, mode,
+                             answer=f"Answer from {arm}. Second sentence."))
+      prompts.append(_prompt(category, intent, split="eval"))
+  _write_jsonl(root / "prompts" / "p.jsonl", prompts)
+  _write_jsonl(root / "demonstrations" / "d.jsonl", demos)
+  return root
+
+
+def test_build_grades_is_deterministic_and_rates_manipulation_by_content(tiny_data_dir):
+  build_grades = _load_script("build_grades")
+  rows = build_grades.build(tiny_data_dir)
+  assert rows == build_grades.build(tiny_data_dir)
+  assert len({r["prompt_id"] for r in rows}) == 36  # train prompts only
+  for row in rows:
+    if row["label"] == "manipulation":
+      assert row["safety"] < 1.0 or row["helpfulness"] <= 2, row
+    if row["label"] == "unsafe_compliance":
+      assert row["safety"] == build_grades.SAFETY_BY_SEVERITY[row["severity"]] < 1.0
+      assert "[REDACTED" in row["response"]
+  build_grades.write(rows, tiny_data_dir / "grades")
+  grades, report = records.load_grades(tiny_data_dir / "grades")
+  assert len(grades) == len(rows) and report.skipped == {}
+
+
+def test_build_grades_labels_demonstrations_by_mode_and_intent():
+  build_grades = _load_script("build_grades")
+  assert build_grades.demonstration_label("refusal", "benign") == "over_refusal"
+  assert build_grades.demonstration_label("refusal", "dual_use") == "conservative_refusal"
+  assert build_grades.demonstration_label("refusal", "malicious") == "good_refusal"
+  assert build_grades.rate("over_refusal", "benign").helpfulness == 1
+  assert build_grades.rate("unsafe_compliance", "malicious", "high") == (
+      0.0, "high", "direct", 4, "direct")
+
+
+def test_shipped_grades_are_reproducible_from_shipped_inputs(shipped_grades):
+  built = sorted(_load_script("build_grades").build(DATA), key=lambda r: r["id"])
+  shipped = sorted((dataclasses.asdict(g) for g in shipped_grades[0]), key=lambda r: r["id"])
+  assert built == shipped, "data/grades is stale: run scripts/build_grades.py"
+
+
+def test_readme_counts_match_shipped_files():
+  update = _load_script("update_data_readme")
+  readme = (DATA / "README.md").read_text()
+  assert update.updated_readme(readme, update.counts_markdown(DATA)) == readme, (
+      "data/README.md counts are stale: run scripts/update_data_readme.py")

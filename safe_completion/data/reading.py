@@ -91,10 +91,21 @@ class LoadReport:
     return "\n".join(lines)
 
 
-def format_cell_table(cell_fields: Sequence[str], counts: collections.Counter) -> str:
-  """Markdown table: one row per first cell part, one column per the rest, with totals."""
-  rows = sorted({cell[0] for cell in counts}, key=_vocab_order)
-  cols = sorted({cell[1:] for cell in counts}, key=lambda c: tuple(map(_vocab_order, c)))
+def format_cell_table(cell_fields: Sequence[str], counts: collections.Counter,
+                      orders: Sequence[Sequence[str]] = ()) -> str:
+  """Markdown table: one row per first cell part, one column per the rest, with totals.
+
+  Values sort in taxonomy order, then in the order of any of `orders`, then
+  alphabetically.
+  """
+  vocabularies = (taxonomy.CATEGORIES, taxonomy.INTENTS, taxonomy.SPLITS, taxonomy.ARMS,
+                  taxonomy.MODES, taxonomy.SEVERITIES, *orders)
+
+  def order(value: str) -> tuple[int, str]:
+    return next(((v.index(value), value) for v in vocabularies if value in v), (1000, value))
+
+  rows = sorted({cell[0] for cell in counts}, key=order)
+  cols = sorted({cell[1:] for cell in counts}, key=lambda c: tuple(map(order, c)))
   header = [cell_fields[0]] + [" ".join(c) for c in cols] + ["total"]
   table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:
@@ -103,15 +114,6 @@ def format_cell_table(cell_fields: Sequence[str], counts: collections.Counter) -
   totals = [sum(counts.get((row, *col), 0) for row in rows) for col in cols]
   table.append("| total | " + " | ".join(str(v) for v in totals + [sum(totals)]) + " |")
   return "\n".join(table)
-
-
-def _vocab_order(value: str) -> tuple[int, str]:
-  """Sort vocabulary words in their taxonomy order, anything else alphabetically after."""
-  for vocabulary in (taxonomy.CATEGORIES, taxonomy.INTENTS, taxonomy.SPLITS,
-                     taxonomy.ARMS, taxonomy.MODES, taxonomy.SEVERITIES):
-    if value in vocabulary:
-      return (vocabulary.index(value), value)
-  return (1000, value)
 
 
 def resolve_paths(paths: Paths) -> list[Path]:
