@@ -38,7 +38,7 @@ setuptools.setup(
     name="safe_completion",
     version="0.1.0",
     description="Output-centric LLM safety training (safe-completions) in JAX/Flax.",
-    packages=setuptools.find_packages(include=["safe_completion", "safe_completion.*"]),
+    packages=setuptools.find_packages(include=["safe_completion", "safe_completion.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

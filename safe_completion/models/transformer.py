@@ -275,7 +275,7 @@ class Decoder(nn.Module):
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache: Cache | None = None):
     cfg = self.config
     embedding = self.param(
-        "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
     x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
     if cfg.scale_embeddings:

@@ -1,0 +1,52 @@
+"""Pieces shared by the stage configs: model presets, meshes, optimizer, checkpoints, logging."""
+
+import ml_collections as mlc
+
+# Architectures. Real presets normally come from the checkpoint's config.json
+# (config.init.hf_dir); these let `plan`-style tools and random-init runs work too.
+MODELS = {
+    "tiny": dict(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 mlp_dim=192, max_seq_len=512, tie_embeddings=True, rope_theta=10000.0),
+    # benchmarks/ and issue targets: d=512, 8 layers.
+    "small": dict(vocab_size=4096, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
+                  mlp_dim=1536, max_seq_len=1024, tie_embeddings=True),
+    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                      head_dim=128, mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, rope_type="llama3",
+                      rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                      rope_original_max_position=8192, max_seq_len=8192),
+    "qwen2_7b": dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                     head_dim=128, mlp_dim=18944, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
+                     max_seq_len=32768),
+    "gemma_2b": dict(vocab_size=256000, hidden_size=2048, num_layers=18, num_heads=8, num_kv_heads=1,
+                     head_dim=256, mlp_dim=16384, activation="gelu_tanh", norm_offset=True,
+                     scale_embeddings=True, tie_embeddings=True, max_seq_len=8192),
+}
+
+# TPU presets train in bfloat16 with float32 master weights and remat.
+TPU_NUMERICS = dict(dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")
+CPU_NUMERICS = dict(dtype="float32", param_dtype="float32", remat_policy="none")
+
+
+def model(name: str, **overrides) -> mlc.ConfigDict:
+  numerics = CPU_NUMERICS if name in ("tiny", "small") else TPU_NUMERICS
+  return mlc.ConfigDict({**MODELS[name], **numerics, **overrides})
+
+
+def mesh(shape=(-1, 1, 1), rules=None) -> mlc.ConfigDict:
+  """Mesh axes (data, fsdp, tensor) with sizes; -1 = the rest. rules: None = parallel.DEFAULT_RULES."""
+  return mlc.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": tuple(shape), "rules": rules or ()})
+
+
+def optimizer(learning_rate: float, warmup_steps: int) -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps, decay="cosine",
+                             final_lr_fraction=0.1, b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0,
+                             grad_accum_steps=1))
+
+
+def checkpointing(every_steps: int, keep: int = 2) -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(every_steps=every_steps, keep=keep, async_save=True))
+
+
+def wandb() -> mlc.ConfigDict:
+  """Off by default; `--config.wandb.enabled=True` logs offline (no key needed) unless mode=online."""
+  return mlc.ConfigDict(dict(enabled=False, project="safe_completion", mode="offline", name=""))

@@ -1,0 +1,52 @@
+"""Orbax checkpoints of a train state (a plain pytree) plus JSON metadata.
+
+Resume is exact because everything that decides the future of a run lives in
+the state (params, optimizer state, step, rng) and the data order is a pure
+function of (seed, step).
+"""
+
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+            async_save: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager keeping the last `max_to_keep` steps; async saves by default."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                         enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict | None = None, *,
+         force: bool = False) -> bool:
+  """Saves `state` at `step` (when the save interval allows, or `force`)."""
+  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 meta=ocp.args.JsonSave(meta or {})), force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+  """Restores (state, meta) at `step` (default: latest) with the shardings of `abstract_state`.
+
+  `abstract_state` is a pytree of jax.ShapeDtypeStruct (with .sharding) or arrays.
+  """
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                        meta=ocp.args.JsonRestore()))
+  return restored["state"], dict(restored["meta"] or {})
+
+
+def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+  """Only the params of a train-state checkpoint (e.g. the SFT model that starts RL)."""
+  with manager(directory, async_save=False) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore({"params": target}, strict=False)))
+    return restored["state"]["params"]

@@ -1,0 +1,101 @@
+"""Chat formatting and tokenization for training: the model's own chat template.
+
+An SFT target is the assistant turn `<think>\n{cot}\n</think>\n\n{answer}`: the
+chain of thought sits in a reasoning block before the answer, inside the
+assistant content, so every chat template (Llama, Qwen2, Gemma, ours) carries it.
+Loss falls on the assistant's tokens only.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+REASONING_OPEN, REASONING_CLOSE = "<think>", "</think>"
+
+
+def assistant_content(cot: str, answer: str) -> str:
+  """The assistant turn of an SFT example: reasoning block, then the answer."""
+  return f"{REASONING_OPEN}\n{cot.strip()}\n{REASONING_CLOSE}\n\n{answer.strip()}"
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+  """(cot, answer) of a completion; cot is empty when there is no reasoning block."""
+  start = text.find(REASONING_OPEN)
+  end = text.find(REASONING_CLOSE)
+  if start == -1 or end == -1 or end < start:
+    return "", text.strip()
+  return text[start + len(REASONING_OPEN):end].strip(), text[end + len(REASONING_CLOSE):].strip()
+
+
+def encode_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
+  """Token ids of the conversation followed by the generation prompt of the assistant."""
+  text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+  return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExample:
+  tokens: np.ndarray  # int32 [T]
+  loss_mask: np.ndarray  # int32 [T]: 1 on the assistant's tokens.
+
+
+def tokenize_sft_example(tokenizer, messages: Sequence[dict], cot: str, answer: str) -> TokenizedExample:
+  """Prompt + assistant turn through the chat template, with the loss on the assistant's part.
+
+  Raises when the template does not render the prompt as a prefix of the full
+  conversation (the loss mask would be wrong otherwise).
+  """
+  prompt_ids = encode_prompt(tokenizer, messages)
+  full_messages = list(messages) + [{"role": "assistant", "content": assistant_content(cot, answer)}]
+  text = tokenizer.apply_chat_template(full_messages, tokenize=False)
+  full_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  if full_ids[:len(prompt_ids)] != prompt_ids:
+    raise ValueError("the chat template does not render the prompt as a prefix of the full conversation; "
+                     "cannot place the loss mask")
+  loss_mask = np.zeros(len(full_ids), np.int32)
+  loss_mask[len(prompt_ids):] = 1
+  return TokenizedExample(np.asarray(full_ids, np.int32), loss_mask)
+
+
+def pad_examples(examples: Sequence[TokenizedExample], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """One example per row, right-padded to `seq_len` (longer examples must be filtered first)."""
+  batch = {name: np.zeros((len(examples), seq_len), np.int32)
+           for name in ("tokens", "positions", "segment_ids", "loss_mask")}
+  batch["tokens"][:] = pad_id
+  for row, example in enumerate(examples):
+    length = len(example.tokens)
+    if length > seq_len:
+      raise ValueError(f"example of {length} tokens does not fit seq_len={seq_len}")
+    batch["tokens"][row, :length] = example.tokens
+    batch["positions"][row, :length] = np.arange(length)
+    batch["segment_ids"][row, :length] = 1
+    batch["loss_mask"][row, :length] = example.loss_mask
+  return batch
+
+
+def pack_examples(examples: Sequence[TokenizedExample], seq_len: int, pad_id: int,
+                  num_rows: int) -> dict[str, np.ndarray]:
+  """Greedy first-fit packing into `num_rows` rows; segment ids keep examples apart.
+
+  Positions restart at 0 for each example. Raises if the examples do not fit,
+  so nothing is silently dropped.
+  """
+  batch = {name: np.zeros((num_rows, seq_len), np.int32)
+           for name in ("tokens", "positions", "segment_ids", "loss_mask")}
+  batch["tokens"][:] = pad_id
+  fill = np.zeros(num_rows, np.int64)
+  segments = np.zeros(num_rows, np.int64)
+  for example in examples:
+    length = len(example.tokens)
+    fits = np.nonzero(fill + length <= seq_len)[0]
+    if not len(fits):
+      raise ValueError(f"{len(examples)} examples do not fit {num_rows} rows of {seq_len} tokens")
+    row, start = fits[0], fill[fits[0]]
+    segments[row] += 1
+    batch["tokens"][row, start:start + length] = example.tokens
+    batch["positions"][row, start:start + length] = np.arange(length)
+    batch["segment_ids"][row, start:start + length] = segments[row]
+    batch["loss_mask"][row, start:start + length] = example.loss_mask
+    fill[row] += length
+  return batch

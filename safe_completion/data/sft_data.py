@@ -1,0 +1,129 @@
+"""SFT examples -> deterministic, resumable batches.
+
+The examples of step `s` are a pure function of (seed, s): a fresh permutation
+per epoch, so a restarted run sees exactly the batches it would have seen.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+import transformers
+
+from safe_completion.data import chat
+from safe_completion.data import records
+
+TOKENIZER_DIR = records.DEFAULT_DATA_DIR / "tokenizer"
+
+
+@dataclasses.dataclass(frozen=True)
+class SftExample:
+  """One training conversation: the original prompt (no spec), and the teacher's CoT and answer."""
+  id: str
+  messages: tuple[dict[str, str], ...]
+  cot: str
+  answer: str
+
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+  """The tokenizer of the run: `config.tokenizer_dir`, else the HF checkpoint's, else the shipped tiny one."""
+  directory = config.get("tokenizer_dir") or config.init.get("hf_dir") or str(TOKENIZER_DIR)
+  return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def demonstration_examples(data_dir: str, arm: str) -> list[SftExample]:
+  """The shipped demonstrations of one arm, paired with their original train prompts."""
+  prompts, _ = records.load_prompts(os.path.join(data_dir, "prompts"), split="train")
+  demos, _ = records.load_demonstrations(os.path.join(data_dir, "demonstrations"))
+  records.check_demonstrations(prompts, demos)
+  by_id = {p.id: p for p in prompts}
+  return [SftExample(d.prompt_id, by_id[d.prompt_id].messages, d.cot, d.answer) for d in demos if d.arm == arm]
+
+
+def sft_record_examples(path: str) -> list[SftExample]:
+  """SFT records written by datagen (JSONL with id, messages, cot, answer)."""
+  examples = []
+  files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl")) if os.path.isdir(path) else [path]
+  for file in files:
+    with open(file) as f:
+      for line_number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+          examples.append(SftExample(row["id"], tuple(row["messages"]), row["cot"], row["answer"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ValueError(f"{file}:{line_number}: not an SFT record: {e!r}") from None
+  return examples
+
+
+def _is_eval(example_id: str, eval_fraction: float) -> bool:
+  digest = int(hashlib.sha256(example_id.encode()).hexdigest()[:8], 16)
+  return digest / 0xFFFFFFFF < eval_fraction
+
+
+class SftDataset:
+  """Tokenized train/eval examples and the batching rule of a run."""
+
+  def __init__(self, train: Sequence[chat.TokenizedExample], eval_: Sequence[chat.TokenizedExample], *,
+               batch_size: int, seq_len: int, pad_id: int, seed: int, packed_rows: int = 0,
+               dropped_too_long: int = 0):
+    if not train:
+      raise ValueError("no SFT training examples (all filtered or none given)")
+    self.train, self.eval = list(train), list(eval_)
+    self.batch_size, self.seq_len, self.pad_id, self.seed = batch_size, seq_len, pad_id, seed
+    self.packed_rows = packed_rows
+    self.dropped_too_long = dropped_too_long
+
+  def _collate(self, examples: Sequence[chat.TokenizedExample], rows: int) -> dict[str, np.ndarray]:
+    if self.packed_rows:
+      return chat.pack_examples(examples, self.seq_len, self.pad_id, rows)
+    return chat.pad_examples(examples, self.seq_len, self.pad_id)
+
+  def train_indices(self, step: int) -> np.ndarray:
+    """Indices of the examples of `step`: consecutive slices of per-epoch permutations."""
+    n, b = len(self.train), self.batch_size
+    positions = np.arange(step * b, (step + 1) * b)
+    epochs = positions // n
+    order = {e: np.random.default_rng([self.seed, int(e)]).permutation(n) for e in np.unique(epochs)}
+    return np.asarray([order[e][p % n] for e, p in zip(epochs, positions)])
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    examples = [self.train[i] for i in self.train_indices(step)]
+    return self._collate(examples, self.packed_rows or self.batch_size)
+
+  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size padded batches over all eval examples (the last one filled with empty rows)."""
+    for start in range(0, len(self.eval), self.batch_size):
+      chunk = list(self.eval[start:start + self.batch_size])
+      empty = chat.TokenizedExample(np.zeros(0, np.int32), np.zeros(0, np.int32))
+      yield chat.pad_examples(chunk + [empty] * (self.batch_size - len(chunk)), self.seq_len, self.pad_id)
+
+
+def build_dataset(config: ml_collections.ConfigDict, tokenizer) -> SftDataset:
+  """Examples from `config.data` (shipped demonstrations or datagen records), tokenized and split."""
+  data = config.data
+  if data.source == "demonstrations":
+    examples = demonstration_examples(data.data_dir or str(records.DEFAULT_DATA_DIR), data.arm)
+  elif data.source == "records":
+    examples = sft_record_examples(data.records_path)
+  else:
+    raise ValueError(f"data.source={data.source!r} is not one of ['demonstrations', 'records']")
+  if data.max_examples:
+    examples = examples[:data.max_examples]
+  train, eval_, dropped = [], [], 0
+  for example in examples:
+    tokenized = chat.tokenize_sft_example(tokenizer, example.messages, example.cot, example.answer)
+    if len(tokenized.tokens) > data.seq_len:
+      dropped += 1
+      continue
+    (eval_ if _is_eval(example.id, data.eval_fraction) else train).append(tokenized)
+  if dropped:
+    print(f"sft data: {dropped} of {len(examples)} examples are longer than seq_len={data.seq_len} "
+          "and are left out; raise config.data.seq_len to keep them")
+  return SftDataset(train, eval_, batch_size=config.batch_size, seq_len=data.seq_len, pad_id=tokenizer.pad_token_id,
+                    seed=config.seed, packed_rows=data.packed_rows, dropped_too_long=dropped)

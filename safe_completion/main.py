@@ -1,0 +1,39 @@
+r"""Entry point of every stage: `python -m safe_completion.main --config=configs/<stage>.py:<preset> --workdir=DIR`.
+
+The config's `stage` field picks the trainer; each stage is an importable
+function `(config, workdir)` that a colab can call directly.
+"""
+
+import importlib
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from safe_completion import parallel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sft.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+_VERBOSITY = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"], "absl log level.")
+
+STAGES = {"sft": "safe_completion.sft"}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(_VERBOSITY.value)  # Orbax logs every checkpoint step at INFO.
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = _CONFIG.value
+  if config.stage not in STAGES:
+    raise app.UsageError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
+  stage = importlib.import_module(STAGES[config.stage])
+  stage.train(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
