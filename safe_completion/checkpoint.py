@@ -46,7 +46,7 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({"params": target}, strict=False)))
+    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)}
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
     return restored["state"]["params"]

@@ -68,14 +68,15 @@ def loss_fn(params: Any, model_config: transformer.ModelConfig, batch: dict) -> 
 
 def train_step(state: State, batch: dict, *, model_config: transformer.ModelConfig,
                optimizer: optax.GradientTransformation, schedule: Callable) -> tuple[State, dict]:
-  """One optimizer step. A non-finite loss leaves the state unchanged (the host then stops)."""
+  """One optimizer step. A non-finite loss or gradient leaves the state unchanged (the host then stops)."""
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], model_config, batch)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
-  finite = jnp.isfinite(loss)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"]),
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
              "loss_tokens": aux["loss_tokens"]}
   return new_state, metrics
 
@@ -161,11 +162,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, step_metrics = step_fn(state, batch)
       step_metrics = jax.device_get(step_metrics)
       seconds = time.perf_counter() - started
-      if not np.isfinite(step_metrics["loss"]):
-        checkpoint.save(ckpt, step, state, {"reason": "non-finite loss"}, force=True)
+      if not (np.isfinite(step_metrics["loss"]) and np.isfinite(step_metrics["grad_norm"])):
+        checkpoint.save(ckpt, step, state, {"reason": "non-finite loss or gradient"}, force=True)
         ckpt.wait_until_finished()
-        raise FloatingPointError(f"SFT loss is {step_metrics['loss']} at step {step}; the last good state "
-                                 f"(before this step) is saved in {workdir}/checkpoints/{step}")
+        raise FloatingPointError(
+            f"SFT loss {step_metrics['loss']} / gradient norm {step_metrics['grad_norm']} at step {step}: "
+            f"stopping; the last good state (before this step) is saved in {workdir}/checkpoints/{step}")
       last = {**step_metrics, "tokens_per_second": int((host_batch["segment_ids"] > 0).sum()) / seconds, "step_seconds": seconds}
       if (step + 1) % config.eval_every == 0 or step + 1 == num_steps:
         last["eval_loss"] = evaluate(eval_fn, state["params"], dataset, mesh)
