@@ -1,0 +1,60 @@
+"""A SFT run killed with SIGKILL and restarted ends with the same params as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from safe_completion import checkpoint
+from safe_completion import sft
+from tests.test_sft import micro_config
+
+NUM_STEPS = 10
+FLAGS = [f"--config.num_steps={NUM_STEPS}", "--config.batch_size=8", "--config.data.max_examples=32",
+         "--config.checkpoint.every_steps=2", "--config.eval_every=5"]
+
+
+def _command(workdir):
+  return [sys.executable, "-m", "safe_completion.main", "--config=configs/sft.py:tiny", f"--workdir={workdir}", *FLAGS]
+
+
+def _run(workdir):
+  subprocess.run(_command(workdir), check=True, capture_output=True, timeout=300)
+
+
+def _final_params(workdir):
+  config = micro_config()
+  model_config = sft.model_config_from(config)
+  abstract = jax.eval_shape(lambda r: sft.transformer.init_params(model_config, r), jax.random.key(0))
+  return checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract, NUM_STEPS)
+
+
+def _metrics_steps(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return sum(1 for line in f if line.endswith("\n"))
+
+
+def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
+  reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+  _run(reference)
+
+  process = subprocess.Popen(_command(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 240
+  while _metrics_steps(resumed) < 5 and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert process.poll() is None, "the run finished before it could be killed; make it longer"
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+  killed_at = _metrics_steps(resumed)
+  assert killed_at < NUM_STEPS
+  _run(resumed)
+
+  expected, actual = _final_params(reference), _final_params(resumed)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), expected, actual)
