@@ -1,5 +1,6 @@
 """HF checkpoint conversion: logit parity per family, sharding, export round trips, errors, tokenizer."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -150,6 +151,8 @@ def test_bfloat16_checkpoint_loads_and_exports_in_bfloat16(tmp_path):
   q_bias = model.state_dict()["model.layers.1.self_attn.q_proj.bias"].float().numpy()
   assert params["layers"]["attn"]["q_proj"]["bias"].dtype == jax.numpy.bfloat16
   np.testing.assert_array_equal(params["layers"]["attn"]["q_proj"]["bias"][1].astype(np.float32).reshape(-1), q_bias)
+  as_f32 = convert.load_hf_params(tmp_path / "bf16", dataclasses.replace(config, param_dtype="float32"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(np.float32)), as_f32, params)
   convert.export_hf(params, config, tmp_path / "out", architecture="Qwen2ForCausalLM")
   exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
   assert exported.dtype == torch.bfloat16
@@ -196,8 +199,8 @@ def test_unexpected_tensor_is_named_but_rotary_buffers_are_ignored(llama_dir, tm
     tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)
   bad = _edited_copy(llama_dir, tmp_path / "m", tensors_edit=add)
-  with pytest.raises(convert.CheckpointError, match=r"unexpected tensor\(s\) model\.layers\.0\.self_attn\.o_proj\.bias"
-                     r" \(architecture"):
+  with pytest.raises(convert.CheckpointError,
+                     match=r"unexpected tensor\(s\) model\.layers\.0\.self_attn\.o_proj\.bias \(architecture"):
     convert.load_hf_checkpoint(bad)
 
 
@@ -205,8 +208,8 @@ def test_shape_mismatch_is_named(llama_dir, tmp_path):
   def shrink(tensors):
     tensors["model.layers.2.self_attn.k_proj.weight"] = tensors["model.layers.2.self_attn.k_proj.weight"][:16]
   bad = _edited_copy(llama_dir, tmp_path / "m", tensors_edit=shrink)
-  with pytest.raises(convert.CheckpointError,
-                     match=r"model\.layers\.2\.self_attn\.k_proj\.weight: checkpoint \(16, 64\), config expects \(32, 64\)"):
+  with pytest.raises(convert.CheckpointError, match=r"model\.layers\.2\.self_attn\.k_proj\.weight: "
+                     r"checkpoint \(16, 64\), config expects \(32, 64\)"):
     convert.load_hf_checkpoint(bad)
 
 
@@ -228,8 +231,20 @@ def test_old_rope_layout_and_family_defaults():
   assert (config.rope_type, config.rope_theta, config.rope_factor) == ("linear", 1e6, 2.0)
   assert (config.head_dim, config.num_kv_heads, config.tie_embeddings, config.max_seq_len) == (16, 4, False, 2048)
   gemma = convert.config_from_hf_dict({**_LLAMA, "architectures": ["GemmaForCausalLM"], "hidden_act": "gelu"})
-  assert (gemma.tie_embeddings, gemma.activation, gemma.head_dim, gemma.rope_type) == (True, "gelu_tanh", 256, "default")
+  assert (gemma.tie_embeddings, gemma.activation, gemma.head_dim) == (True, "gelu_tanh", 256)
   assert convert.config_from_hf_dict(_LLAMA, dtype="bfloat16", remat_policy="full").dtype == "bfloat16"
+
+
+def test_explicit_nulls_mean_off_not_the_family_default():
+  mistral = convert.config_from_hf_dict({**_LLAMA, "architectures": ["MistralForCausalLM"], "sliding_window": None})
+  assert mistral.sliding_window is None
+  assert convert.config_from_hf_dict({**_LLAMA, "architectures": ["MistralForCausalLM"]}).sliding_window == 4096
+  gemma2 = convert.config_from_hf_dict({**_LLAMA, "architectures": ["Gemma2ForCausalLM"], "head_dim": 16,
+                                        "final_logit_softcapping": None, "query_pre_attn_scalar": None})
+  assert (gemma2.final_logit_softcap, gemma2.attn_logit_softcap, gemma2.query_pre_attn_scalar) == (None, 50.0, 16)
+  old_gemma2 = convert.config_from_hf_dict({**_LLAMA, "architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 4,
+                                            "sliding_window": 8})  # No layer_types: HF alternates.
+  assert old_gemma2.sliding_layers() == (True, False, True, False) and old_gemma2.sliding_window == 8
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -240,6 +255,7 @@ def test_old_rope_layout_and_family_defaults():
     (dict(architectures=["Gemma2ForCausalLM"], num_hidden_layers=3,
           layer_types=["full_attention", "sliding_attention", "sliding_attention"]), "repeating"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0}), "llama3 rope scaling lacks 'low_freq_factor'"),
+    (dict(vocab_size=None), r"missing required field\(s\) \['vocab_size'\]"),
 ])
 def test_unsupported_settings_are_errors(edit, match):
   with pytest.raises(convert.CheckpointError, match=match):
@@ -251,6 +267,13 @@ def test_export_refuses_an_architecture_that_computes_something_else(tmp_path):
   params = transformer.init_params(config, jax.random.key(0))
   with pytest.raises(convert.CheckpointError, match=r"LlamaForCausalLM cannot express.*qkv_bias=True"):
     convert.export_hf(params, config, tmp_path, architecture="LlamaForCausalLM")
+  params["layers"]["mlp"]["up_proj"]["kernel"] = params["layers"]["mlp"]["up_proj"]["kernel"][:, :, :80]
+  with pytest.raises(convert.CheckpointError, match=r"layers/mlp/up_proj/kernel has shape \(2, 64, 80\), config "
+                     r"expects \(2, 64, 96\)"):
+    convert.export_hf(params, config, tmp_path, architecture="Qwen2ForCausalLM")
+  with pytest.raises(convert.CheckpointError, match="tokenizer has 4096 tokens, more than vocab_size=128"):
+    convert.export_hf(params, config, tmp_path, architecture="Qwen2ForCausalLM",
+                      tokenizer=convert.load_tokenizer(TOKENIZER_DIR))
   assert not os.listdir(tmp_path)
 
 

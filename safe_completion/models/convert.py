@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.traverse_util
@@ -56,6 +56,7 @@ _HF_CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "
                       "Qwen2ForCausalLM": "Qwen2Config", "GemmaForCausalLM": "GemmaConfig",
                       "Gemma2ForCausalLM": "Gemma2Config"}
 _GEMMA_FAMILY = ("GemmaForCausalLM", "Gemma2ForCausalLM")
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _ACTIVATIONS_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                         "gelu": "gelu"}
 _ACTIVATIONS_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
@@ -90,7 +91,7 @@ def _architecture(raw: Mapping[str, Any], source: str) -> str:
 def _rope_fields(raw: Mapping[str, Any], source: str) -> dict:
   """Rope settings from the transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
   params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-  theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+  theta = params.get("rope_theta") or raw.get("rope_theta") or 10000.0
   rope_type = params.get("rope_type", params.get("type", "default"))
   fields = dict(rope_theta=float(theta), rope_type=rope_type)
   if params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
@@ -109,10 +110,8 @@ def _rope_fields(raw: Mapping[str, Any], source: str) -> dict:
   return fields
 
 
-def _sliding_fields(layer_types: list[str] | None, window: int | None, num_layers: int, source: str) -> dict:
+def _sliding_fields(layer_types: list[str], window: int | None, num_layers: int, source: str) -> dict:
   """(sliding_window, sliding_window_pattern) reproducing HF's per-layer attention types."""
-  if layer_types is None:  # Mistral: every layer slides when a window is set.
-    layer_types = ["sliding_attention" if window is not None else "full_attention"] * num_layers
   if len(layer_types) != num_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
     raise CheckpointError(f"{source}: layer_types {layer_types} is not {num_layers} of "
                           "'sliding_attention' / 'full_attention'")
@@ -128,13 +127,17 @@ def _sliding_fields(layer_types: list[str] | None, window: int | None, num_layer
 def config_from_hf_dict(raw: Mapping[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
   """A ModelConfig from the dict of an HF `config.json`; `overrides` replace any field (e.g. dtype)."""
   arch = _architecture(raw, source)
-  raw = {**_FAMILY_DEFAULTS[arch], **{k: v for k, v in raw.items() if v is not None}}
+  raw = {**_FAMILY_DEFAULTS[arch], **raw}  # An explicit null stays null (no window, no soft-cap), as in HF.
+  missing = [key for key in _REQUIRED_KEYS if raw.get(key) is None]
+  if missing:
+    raise CheckpointError(f"{source}: missing required field(s) {missing}")
   unsupported = [key for key in ("attention_bias", "mlp_bias", "use_sliding_window", "use_bidirectional_attention")
                  if raw.get(key)]
   if unsupported:
     raise CheckpointError(f"{source}: unsupported setting(s) {unsupported} for {arch}")
   gemma = arch in _GEMMA_FAMILY
-  act_name = raw["hidden_activation"] if arch == "Gemma2ForCausalLM" else raw["hidden_act"]
+  act_key = "hidden_activation" if arch == "Gemma2ForCausalLM" else "hidden_act"
+  act_name = raw.get(act_key) or _FAMILY_DEFAULTS[arch][act_key]
   if gemma and act_name == "gelu":  # Legacy Gemma configs mean the tanh approximation (as HF does).
     act_name = "gelu_pytorch_tanh"
   if act_name not in _ACTIVATIONS_FROM_HF:
@@ -142,18 +145,23 @@ def config_from_hf_dict(raw: Mapping[str, Any], source: str = "config.json", **o
   num_heads, num_layers = raw["num_attention_heads"], raw["num_hidden_layers"]
   fields = dict(
       vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_layers=num_layers, num_heads=num_heads,
-      num_kv_heads=raw.get("num_key_value_heads", num_heads),
-      head_dim=raw.get("head_dim", raw["hidden_size"] // num_heads), mlp_dim=raw["intermediate_size"],
-      activation=_ACTIVATIONS_FROM_HF[act_name], norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+      num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+      head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads, mlp_dim=raw["intermediate_size"],
+      activation=_ACTIVATIONS_FROM_HF[act_name], norm_eps=float(raw.get("rms_norm_eps") or 1e-6),
       norm_offset=gemma, scale_embeddings=gemma, qkv_bias=arch == "Qwen2ForCausalLM",
       tie_embeddings=bool(raw["tie_word_embeddings"]), max_seq_len=raw["max_position_embeddings"],
       **_rope_fields(raw, source))
   if arch == "Gemma2ForCausalLM":
-    fields.update(query_pre_attn_scalar=float(raw["query_pre_attn_scalar"]),
+    fields.update(query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or fields["head_dim"]),
                   attn_logit_softcap=raw.get("attn_logit_softcapping"),
                   final_logit_softcap=raw.get("final_logit_softcapping"), post_norms=True)
-  if arch in ("Gemma2ForCausalLM", "MistralForCausalLM"):
-    fields.update(_sliding_fields(raw.get("layer_types"), raw.get("sliding_window"), num_layers, source))
+  if arch == "Gemma2ForCausalLM":  # HF's default alternates sliding and full layers, starting with sliding.
+    layer_types = raw.get("layer_types") or [("full_attention", "sliding_attention")[(i + 1) % 2]
+                                             for i in range(num_layers)]
+    fields.update(_sliding_fields(layer_types, raw.get("sliding_window"), num_layers, source))
+  if arch == "MistralForCausalLM":  # HF's Mistral slides in every layer when a window is set.
+    layer_types = ["sliding_attention"] * num_layers
+    fields.update(_sliding_fields(layer_types, raw.get("sliding_window"), num_layers, source))
   return transformer.model_config(**{**fields, **overrides})
 
 
@@ -305,45 +313,43 @@ def _check_names(expected: Mapping[str, _Entry], available: Mapping[str, str], c
     raise CheckpointError(f"{source}: unexpected tensor(s) {_listing(extra)} (architecture/config mismatch?)")
 
 
-def _open_all(files: set[str]) -> Iterator[tuple[str, Any]]:
-  for file in sorted(files):
-    if not os.path.exists(file):
-      raise FileNotFoundError(f"shard {file} listed in the index is missing")
-    with safe_open(file, framework="np") as f:
-      yield file, f
-
-
 def load_hf_params(model_dir: PathLike, config: ModelConfig) -> dict:
   """Params of an HF safetensors checkpoint, as host numpy arrays in `config.param_dtype`.
 
-  Layers are stacked on a leading axis as `nn.scan` expects. Place them on
-  devices with `jax.device_put(params, shardings)`.
+  Layers are stacked on a leading axis as `nn.scan` expects. Every name and
+  shape is checked before any tensor is read. Place the result on devices
+  with `jax.device_put(params, shardings)`.
   """
   expected = hf_tensor_map(config)
   available = _tensor_files(model_dir)
   _check_names(expected, available, config, str(model_dir))
-  dtype = np.dtype(config.weight_dtype)
-  out = {}
-  for path, shape in param_shapes(config).items():
-    out[path] = np.empty(shape, dtype)
   by_file = {}
   for name in expected:
     by_file.setdefault(available[name], []).append(name)
+  absent = [file for file in by_file if not os.path.exists(file)]
+  if absent:
+    raise FileNotFoundError(f"{model_dir}: shard(s) listed in {INDEX_FILE} are missing: {_listing(absent)}")
   mismatches = []
-  for file, f in _open_all(set(by_file)):
-    for name in by_file[file]:
-      entry = expected[name]
-      shape = tuple(f.get_slice(name).get_shape())
-      if shape != entry.hf_shape:
-        mismatches.append(f"{name}: checkpoint {shape}, config expects {entry.hf_shape}")
-        continue
-      value = _to_ours(f.get_tensor(name), entry.shape, entry.kind).astype(dtype)
-      if entry.layer is None:
-        out[entry.path][...] = value
-      else:
-        out[entry.path][entry.layer] = value
+  for file, names in by_file.items():
+    with safe_open(file, framework="np") as f:
+      for name in names:
+        shape = tuple(f.get_slice(name).get_shape())
+        if shape != expected[name].hf_shape:
+          mismatches.append(f"{name}: checkpoint {shape}, config expects {expected[name].hf_shape}")
   if mismatches:
     raise CheckpointError(f"{model_dir}: shape mismatch: " + "; ".join(mismatches))
+
+  dtype = np.dtype(config.weight_dtype)
+  out = {path: np.empty(shape, dtype) for path, shape in param_shapes(config).items()}
+  for file, names in by_file.items():
+    with safe_open(file, framework="np") as f:
+      for name in names:
+        entry = expected[name]
+        value = _to_ours(f.get_tensor(name), entry.shape, entry.kind)
+        if entry.layer is None:
+          out[entry.path][...] = value
+        else:
+          out[entry.path][entry.layer] = value
   return flax.traverse_util.unflatten_dict(out)
 
 
@@ -380,7 +386,7 @@ def hf_config_dict(config: ModelConfig, architecture: str, **extra) -> dict:
       "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
       "head_dim": config.head_dim, act_key: _ACTIVATIONS_TO_HF[config.activation],
       "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
-      "max_position_embeddings": config.max_seq_len, "rope_parameters": rope, "dtype": config.param_dtype,
+      "max_position_embeddings": config.max_seq_len, "rope_parameters": rope,
   }
   if architecture == "Gemma2ForCausalLM":
     scalar = config.query_pre_attn_scalar or config.head_dim
@@ -428,30 +434,33 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: PathLike, *, archit
   import transformers
   extra = {}
   if tokenizer is not None:
+    if len(tokenizer) > config.vocab_size:
+      raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={config.vocab_size}")
     extra = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+  flat = {path: np.asarray(jax.device_get(x)) for path, x in flax.traverse_util.flatten_dict(dict(params)).items()}
+  _check_param_shapes(flat, config)
+  extra["dtype"] = str(flat[("embedding",)].dtype)
   fields = hf_config_dict(config, architecture, **{**extra, **(hf_config_overrides or {})})
   _check_expressible(config, fields, architecture)
   hf_config = getattr(transformers, _HF_CONFIG_CLASSES[architecture])(**fields)
-
-  flat = {path: np.asarray(jax.device_get(x)) for path, x in flax.traverse_util.flatten_dict(dict(params)).items()}
-  entries = hf_tensor_map(config)
-  tensors = {}
-  for name, entry in entries.items():
-    if entry.path not in flat:
-      raise CheckpointError(f"params lack {'/'.join(entry.path)} (for {name})")
-    value = flat[entry.path] if entry.layer is None else flat[entry.path][entry.layer]
-    if value.shape != entry.shape:
-      raise CheckpointError(f"param {'/'.join(entry.path)} has shape {value.shape}, config expects {entry.shape}")
-    tensors[name] = _to_hf(value, entry.kind)
-  extra_params = set(flat) - {entry.path for entry in entries.values()}
-  if extra_params:
-    raise CheckpointError(f"params not in the config: {_listing('/'.join(p) for p in extra_params)}")
+  tensors = {name: _to_hf(flat[e.path] if e.layer is None else flat[e.path][e.layer], e.kind)
+             for name, e in hf_tensor_map(config).items()}
 
   os.makedirs(out_dir, exist_ok=True)
   hf_config.save_pretrained(str(out_dir))
   _write_safetensors(tensors, out_dir, max_shard_bytes)
   if tokenizer is not None:
     tokenizer.save_pretrained(str(out_dir))
+
+
+def _check_param_shapes(flat: Mapping[tuple[str, ...], np.ndarray], config: ModelConfig):
+  expected = param_shapes(config)
+  problems = [f"{'/'.join(p)} missing" for p in expected if p not in flat]
+  problems += [f"{'/'.join(p)} not in the config" for p in flat if p not in expected]
+  problems += [f"{'/'.join(p)} has shape {flat[p].shape}, config expects {shape}"
+               for p, shape in expected.items() if p in flat and flat[p].shape != shape]
+  if problems:
+    raise CheckpointError("params do not match the config: " + "; ".join(problems))
 
 
 def _write_safetensors(tensors: Mapping[str, np.ndarray], out_dir: PathLike, max_shard_bytes: int):
