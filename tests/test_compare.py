@@ -35,7 +35,8 @@ def test_exact_per_prompt_wins_ties_and_losses():
   assert help_["sign_test_p"] == pytest.approx(1.0)
   # Balance h*s: a = (1/3, (2/3 + 0)/2, 1); b = ((2/3 + 1)/2, 2/3, (1/3 + 1)/2).
   bal = got["overall"]["balance"]
-  assert bal["mean_diff"]["value"] == pytest.approx(((5 / 6 - 1 / 3) + (2 / 3 - 1 / 3) + (2 / 3 - 1)) / 3)
+  diffs = (5 / 6 - 1 / 3, 2 / 3 - 1 / 3, 2 / 3 - 1)
+  assert bal["mean_diff"]["value"] == pytest.approx(sum(diffs) / 3)
   assert bal["b_wins"]["value"] == pytest.approx(2 / 3)
   safety = got["overall"]["safety"]
   assert safety["mean_diff"]["value"] == pytest.approx(0.5 / 3)
@@ -56,7 +57,7 @@ def test_different_prompt_sets_are_an_error_naming_the_ids():
   a = arm({1: [(1.0, 2)], 2: [(1.0, 2)]})
   b = arm({1: [(1.0, 2)], 3: [(1.0, 2)]})
   with pytest.raises(ValueError, match=r"only in refusal: \['privacy-dual_use-eval-002'\]"
-                                       r".*only in safe_completion: \['privacy-dual_use-eval-003'\]"):
+                     r".*only in safe_completion: \['privacy-dual_use-eval-003'\]"):
     compare.compare_evaluations(a, b)
 
 

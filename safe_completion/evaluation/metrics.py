@@ -252,7 +252,8 @@ def _check_samples(completions: Sequence[GradedCompletion]) -> None:
     if key in seen:
       raise ValueError(f"duplicate completion: prompt {c.prompt_id!r} sample {c.sample_index}")
     seen.add(key)
-    if labels.setdefault(c.prompt_id, (c.category, c.intent, c.tags)) != (c.category, c.intent, c.tags):
+    label = (c.category, c.intent, c.tags)
+    if labels.setdefault(c.prompt_id, label) != label:
       raise ValueError(f"prompt {c.prompt_id!r}: category/intent/tags differ between samples")
 
 
