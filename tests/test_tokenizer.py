@@ -76,7 +76,8 @@ def test_training_is_deterministic():
   spec = importlib.util.spec_from_file_location("train_tokenizer", path)
   train_tokenizer = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(train_tokenizer)
-  texts = [f"prompt {i}: how do vaccines train the immune system? answer {i * 7}" for i in range(50)]
+  texts = [f"prompt {i}: how do vaccines train the immune system? answer {i * 7}"
+           for i in range(50)]
   first, second = (train_tokenizer.train(texts, vocab_size=300) for _ in range(2))
   assert first.get_vocab() == second.get_vocab() and len(first) == 300
   assert first("vaccines answer")["input_ids"] == second("vaccines answer")["input_ids"]

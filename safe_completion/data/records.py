@@ -36,7 +36,8 @@ GRADE_LABELS = (
 )
 HELPFULNESS_RANGE = (1, 4)
 # <category>-<intent>-<split>-<NNN>; categories and intents use '_', never '-'.
-PROMPT_ID_PATTERN = re.compile(r"(?P<category>[a-z_]+)-(?P<intent>[a-z_]+)-(?P<split>[a-z]+)-\d{3,}")
+PROMPT_ID_PATTERN = re.compile(
+    r"(?P<category>[a-z_]+)-(?P<intent>[a-z_]+)-(?P<split>[a-z]+)-\d{3,}")
 
 
 @dataclasses.dataclass(frozen=True)
