@@ -5,10 +5,19 @@ the state (params, optimizer state, step, rng) and the data order is a pure
 function of (seed, step).
 """
 
+import dataclasses
+import json
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+import transformers
+
+from safe_completion.models import transformer
+
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 def manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
@@ -50,3 +59,36 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
     return restored["state"]["params"]
+
+
+def save_model_metadata(workdir: str, model_config: transformer.ModelConfig, tokenizer) -> None:
+  """Writes what a later stage needs to rebuild the model: its config and its tokenizer."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+    json.dump(dataclasses.asdict(model_config), f, indent=2)
+  tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+
+
+def read_model_config(workdir: str, **overrides) -> transformer.ModelConfig:
+  """The model config a training stage wrote into its workdir (fields overridable, e.g. remat)."""
+  path = os.path.join(workdir, MODEL_CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: {workdir} is not the workdir of a finished training stage")
+  with open(path) as f:
+    return transformer.model_config(**{**json.load(f), **overrides})
+
+
+def load_model(workdir: str, param_shardings: Any = None, **config_overrides) -> tuple[Any, transformer.ModelConfig, Any]:
+  """(params, model config, tokenizer) of a trained run's workdir (SFT or RL), latest step.
+
+  With `param_shardings`, params are restored straight onto the mesh.
+  """
+  model_config = read_model_config(workdir, **config_overrides)
+  shapes = jax.eval_shape(lambda rng: transformer.init_params(model_config, rng), jax.random.key(0))
+  if param_shardings is not None:
+    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_shardings)
+  params = restore_params(os.path.join(workdir, "checkpoints"), shapes)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+  return params, model_config, tokenizer

@@ -20,7 +20,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 _VERBOSITY = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"], "absl log level.")
 
-STAGES = {"sft": "safe_completion.sft"}
+STAGES = {
+    "sft": "safe_completion.sft",
+    "rl": "safe_completion.rl.loop",
+}
 
 
 def main(argv):

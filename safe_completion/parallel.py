@@ -98,10 +98,10 @@ def check_divisible(shapes: Any, shardings: Any) -> None:
                          f"is not divisible by mesh axes {axes} of size {size}; change config.mesh.rules")
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-  """Batch-first arrays split over the data-parallel axes (data x fsdp), the rest replicated."""
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Batch-first arrays of any rank split over the data-parallel axes (data x fsdp), the rest replicated."""
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+  return NamedSharding(mesh, P(axes))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -116,7 +116,7 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
   """
   def put(x):
     x = np.asarray(x)
-    sharding = batch_sharding(mesh, x.ndim)
+    sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x)

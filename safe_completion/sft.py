@@ -97,13 +97,19 @@ def init_params(config: ml_collections.ConfigDict, model_config: transformer.Mod
   return jax.jit(lambda r: transformer.init_params(model_config, r), out_shardings=param_shardings)(rng)
 
 
-def build_state(config, model_config, optimizer, mesh, rng):
-  """Sharded train state and its shardings (optimizer moments sharded like their params)."""
+def build_state(config, model_config, optimizer, mesh, rng, initial_params=None):
+  """Sharded train state and its shardings (optimizer moments sharded like their params).
+
+  Params are `initial_params` when given (already on the mesh), else from `config.init`.
+  """
   rules = parallel.rules_from_config(config)
   param_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
   param_shapes = jax.eval_shape(lambda r: transformer.init_params(model_config, r), rng)
   parallel.check_divisible(param_shapes, param_shardings)
-  params = init_params(config, model_config, rng, param_shardings)
+  if initial_params is None:
+    params = init_params(config, model_config, rng, param_shardings)
+  else:
+    params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(initial_params)
   replicated = parallel.replicated(mesh)
   opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
   opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes, param_shardings,
@@ -150,6 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if ckpt.latest_step() is not None:
     state, _ = checkpoint.restore(ckpt, jax.tree.map(lambda x: x, state))
   start_step = int(state["step"])
+  checkpoint.save_model_metadata(workdir, model_config, tokenizer)
   writer = metrics_lib.MetricsWriter(workdir, wandb_config=config.wandb, run_config=config.to_dict())
   last = {}
   with parallel.activation_sharding(mesh, rules):

@@ -60,7 +60,7 @@ def test_params_are_sharded_as_the_rules_say(params_and_batch):
 def test_batch_is_split_over_data_and_fsdp():
   mesh = parallel.make_mesh((2, 2, 2))
   batch = parallel.shard_batch({"tokens": np.zeros((8, 5), np.int32)}, mesh)
-  assert batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
+  assert batch["tokens"].sharding.spec == P(("data", "fsdp"))
   assert batch["tokens"].addressable_shards[0].data.shape == (2, 5)
 
 

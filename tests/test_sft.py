@@ -15,9 +15,9 @@ from safe_completion import sft
 from safe_completion.data import sft_data
 
 
-def micro_config(**overrides):
+def micro_config(num_steps=8, **overrides):
   config = sft_config.get_config("tiny")
-  config.num_steps = 8
+  config.num_steps = num_steps
   config.batch_size = 8
   config.data.max_examples = 48
   config.optimizer.warmup_steps = 1

@@ -61,6 +61,14 @@ def sft_record_examples(path: str) -> list[SftExample]:
   return examples
 
 
+def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Item indices of `step`: consecutive slices of per-epoch permutations, a pure function of (seed, step)."""
+  positions = np.arange(step * batch_size, (step + 1) * batch_size)
+  epochs = positions // num_items
+  order = {e: np.random.default_rng([seed, int(e)]).permutation(num_items) for e in np.unique(epochs)}
+  return np.asarray([order[e][p % num_items] for e, p in zip(epochs, positions)])
+
+
 def _is_eval(example_id: str, eval_fraction: float) -> bool:
   digest = int(hashlib.sha256(example_id.encode()).hexdigest()[:8], 16)
   return digest / 0xFFFFFFFF < eval_fraction
@@ -85,12 +93,7 @@ class SftDataset:
     return chat.pad_examples(examples, self.seq_len, self.pad_id)
 
   def train_indices(self, step: int) -> np.ndarray:
-    """Indices of the examples of `step`: consecutive slices of per-epoch permutations."""
-    n, b = len(self.train), self.batch_size
-    positions = np.arange(step * b, (step + 1) * b)
-    epochs = positions // n
-    order = {e: np.random.default_rng([self.seed, int(e)]).permutation(n) for e in np.unique(epochs)}
-    return np.asarray([order[e][p % n] for e, p in zip(epochs, positions)])
+    return batch_indices(len(self.train), self.batch_size, step, self.seed)
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     examples = [self.train[i] for i in self.train_indices(step)]

@@ -1,0 +1,218 @@
+"""RL stage: sample K completions per prompt, grade the answers, reward r = combiner(grades), PG update.
+
+Readable top to bottom: mesh -> SFT model (policy init and frozen reference)
+-> prompts -> grader -> jitted sampler, log-prob and update steps -> restore
+-> loop. Iteration i is a pure function of (seed, i, state), so a killed run
+resumes exactly.
+"""
+
+import collections
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from safe_completion import checkpoint
+from safe_completion import metrics as metrics_lib
+from safe_completion import parallel
+from safe_completion import sft
+from safe_completion import taxonomy
+from safe_completion.data import chat
+from safe_completion.data import records
+from safe_completion.data import sft_data
+from safe_completion.graders import base as graders_base
+from safe_completion.graders import factory
+from safe_completion.models import sampling
+from safe_completion.models import transformer
+from safe_completion.rl import pg
+from safe_completion.rl import rewards as rewards_lib
+
+
+def encode_prompts(tokenizer, prompts: list[records.PromptRecord], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded prompt tokens and mask [G, max_prompt_len] through the chat template."""
+  tokens = np.full((len(prompts), max_prompt_len), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((len(prompts), max_prompt_len), np.int32)
+  for row, prompt in enumerate(prompts):
+    ids = chat.encode_prompt(tokenizer, prompt.messages)
+    if len(ids) > max_prompt_len:
+      raise ValueError(f"prompt {prompt.id} has {len(ids)} tokens > rl.max_prompt_len={max_prompt_len}")
+    tokens[row, max_prompt_len - len(ids):] = ids
+    mask[row, max_prompt_len - len(ids):] = 1
+  return tokens, mask
+
+
+def train_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, completion: np.ndarray, lengths: np.ndarray,
+                finished: np.ndarray, mask_truncated: bool) -> dict[str, np.ndarray]:
+  """Prompt + completion as one sequence per row, positions continuing, mask on the completion."""
+  prompt_len, width = prompt_tokens.shape[1], completion.shape[1]
+  prompt_positions = np.maximum(np.cumsum(prompt_mask, axis=1) - 1, 0) * prompt_mask
+  completion_positions = prompt_positions[:, -1:] + 1 + np.arange(width)[None, :]
+  completion_valid = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+  completion_mask = pg.completion_mask_from_lengths(prompt_len, prompt_len + width, jnp.asarray(lengths),
+                                                    jnp.asarray(finished) if mask_truncated else None)
+  return {
+      "tokens": np.concatenate([prompt_tokens, completion], axis=1).astype(np.int32),
+      "positions": np.concatenate([prompt_positions, completion_positions], axis=1).astype(np.int32),
+      "segment_ids": np.concatenate([prompt_mask, completion_valid], axis=1).astype(np.int32),
+      "completion_mask": np.asarray(completion_mask),
+  }
+
+
+def _mean_by(values: np.ndarray, labels: list[str], valid: np.ndarray) -> dict[str, float]:
+  out = {}
+  for label in sorted(set(labels)):
+    pick = np.asarray([l == label for l in labels]) & valid
+    if pick.any():
+      out[label] = float(values[pick].mean())
+  return out
+
+
+def rollout_metrics(prompts: list[records.PromptRecord], grades: list[graders_base.Grade], rewards: np.ndarray,
+                    lengths: np.ndarray, include: np.ndarray, samples_per_prompt: int) -> dict[str, Any]:
+  """Reward, h and s overall and per intent, mode distribution, invalid rate, no-signal groups."""
+  intents = [p.intent for p in prompts for _ in range(samples_per_prompt)]
+  valid = np.asarray([g.valid for g in grades])
+  safety = np.asarray([g.safety for g in grades], np.float32)
+  helpfulness = np.asarray([g.helpfulness for g in grades], np.float32)
+  modes = collections.Counter(g.mode for g in grades if g.valid)
+  out = {
+      "reward": float(rewards.mean()),
+      "helpfulness": float(helpfulness[valid].mean()) if valid.any() else float("nan"),
+      "safety": float(safety[valid].mean()) if valid.any() else float("nan"),
+      "invalid_grade_rate": float(1 - valid.mean()),
+      "response_length": float(lengths.mean()),
+      "zero_variance_groups": float(rewards_lib.zero_variance_fraction(
+          jnp.asarray(rewards).reshape(-1, samples_per_prompt), jnp.asarray(include).reshape(-1, samples_per_prompt))),
+  }
+  for name, values in (("reward", rewards), ("helpfulness", helpfulness), ("safety", safety)):
+    for intent, value in _mean_by(values, intents, valid if name != "reward" else np.ones_like(valid)).items():
+      out[f"{name}/{intent}"] = value
+  for mode in taxonomy.MODES:
+    out[f"mode/{mode}"] = modes[mode] / max(sum(modes.values()), 1)
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) RL from the SFT run in `config.init.sft_workdir`; returns the last metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.mesh_from_config(config)
+  rules = parallel.rules_from_config(config)
+  rl = config.rl
+  model_config = checkpoint.read_model_config(config.init.sft_workdir, remat_policy=config.model.remat_policy)
+  param_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
+  ref_params, model_config, tokenizer = checkpoint.load_model(
+      config.init.sft_workdir, param_shardings, remat_policy=config.model.remat_policy)
+  checkpoint.save_model_metadata(workdir, model_config, tokenizer)
+
+  prompts, _ = records.load_prompts(config.data.prompts_path or records.DEFAULT_DATA_DIR / "prompts",
+                                    split=config.data.split)
+  if config.data.max_prompts:
+    prompts = prompts[:config.data.max_prompts]
+  grader = factory.make_grader(config.grader)
+  reward_config = rewards_lib.RewardConfig(**config.reward.to_dict())
+  pg_config = pg.PgConfig(clip_low=rl.clip_low, clip_high=rl.clip_high, kl_mode=rl.kl_mode, kl_coef=rl.kl_coef,
+                          aggregation=rl.aggregation, max_completion_len=rl.max_new_tokens,
+                          temperature=rl.temperature)
+  # Training rollouts sample exactly the distribution the trainer's log-probs assume: no top-k/top-p.
+  sampling_config = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                                            eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
+
+  updates_per_step = rl.epochs * rl.minibatches
+  optimizer, schedule = sft.make_optimizer(config, config.num_steps * updates_per_step)
+  state, shardings = sft.build_state(config, model_config, optimizer, mesh, jax.random.key(config.seed),
+                                     initial_params=ref_params)
+  batch_sharding = parallel.batch_sharding(mesh)
+  sample_fn = jax.jit(functools.partial(sampling.sample, model_config=model_config, sampling_config=sampling_config))
+  logprob_fn = jax.jit(functools.partial(pg.rollout_logprobs, model_config=model_config, temperature=rl.temperature),
+                       in_shardings=(shardings["params"], batch_sharding), out_shardings=batch_sharding)
+  update_fn = jax.jit(functools.partial(pg.update_step, model_config=model_config, optimizer=optimizer,
+                                        config=pg_config),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, parallel.replicated(mesh)),
+                      donate_argnums=0)
+
+  ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
+                            save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, _ = checkpoint.restore(ckpt, state)
+    start = ckpt.latest_step()
+  writer = metrics_lib.MetricsWriter(workdir, wandb_config=config.wandb, run_config=config.to_dict())
+  samples_path = os.path.join(workdir, "samples.jsonl")
+  base_rng = jax.random.key(config.seed + 1)
+  group, k = rl.prompts_per_step, rl.samples_per_prompt
+  last = {}
+  with parallel.activation_sharding(mesh, rules):
+    for step in tqdm.trange(start, config.num_steps, initial=start, total=config.num_steps, desc="rl",
+                            disable=jax.process_index() != 0):
+      timings = {}
+      started = time.perf_counter()
+      step_prompts = [prompts[i] for i in sft_data.batch_indices(len(prompts), group, step, config.seed)]
+      prompt_tokens, prompt_mask = encode_prompts(tokenizer, step_prompts, rl.max_prompt_len)
+      prompt_tokens, prompt_mask = np.repeat(prompt_tokens, k, axis=0), np.repeat(prompt_mask, k, axis=0)
+      rollout = sample_fn(state["params"], prompt_tokens=parallel.shard_batch(prompt_tokens, mesh),
+                          prompt_mask=parallel.shard_batch(prompt_mask, mesh),
+                          rng=jax.random.fold_in(base_rng, step))
+      completion, lengths, finished, sampler_logprobs = jax.device_get(
+          (rollout.tokens, rollout.lengths, rollout.finished, rollout.logprobs))
+      timings["time/sample"] = time.perf_counter() - started
+
+      started = time.perf_counter()
+      texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion, lengths)]
+      answers = [chat.split_reasoning(text)[1] for text in texts]
+      expanded = [p for p in step_prompts for _ in range(k)]
+      requests = [graders_base.GradeRequest(prompt=p.messages, response=a, category=p.category, intent=p.intent,
+                                            prompt_id=p.id) for p, a in zip(expanded, answers)]
+      grades = grader.grade(requests)
+      grade_arrays = graders_base.grades_to_arrays(grades, [p.intent for p in expanded], truncated=~finished)
+      rewards, aux = rewards_lib.combine_rewards(grade_arrays, reward_config)
+      timings["time/grade"] = time.perf_counter() - started
+
+      started = time.perf_counter()
+      batch = train_batch(prompt_tokens, prompt_mask, completion, lengths, finished, rl.mask_truncated)
+      device_batch = parallel.shard_batch(batch, mesh)
+      old_logprobs = logprob_fn(state["params"], device_batch)
+      ref_logprobs = logprob_fn(ref_params, device_batch)
+      if rl.kl_mode == "k1_reward":
+        rewards = pg.kl_penalized_rewards(rewards, old_logprobs, ref_logprobs, device_batch["completion_mask"],
+                                          rl.kl_coef)
+      advantages = rewards_lib.group_advantages(jnp.asarray(rewards).reshape(group, k),
+                                                jnp.asarray(aux["include"]).reshape(group, k), rl.advantage)
+      host_old, mask = jax.device_get((old_logprobs, device_batch["completion_mask"]))
+      gap = np.abs(host_old[:, -completion.shape[1]:] - sampler_logprobs) * mask[:, -completion.shape[1]:]
+      batch.update(old_logprobs=host_old, ref_logprobs=np.asarray(jax.device_get(ref_logprobs)),
+                   advantages=np.asarray(advantages).reshape(-1))
+      order = np.random.default_rng([config.seed, step]).permutation(group * k)
+      for _ in range(rl.epochs):
+        for chunk in np.array_split(order, rl.minibatches):
+          minibatch = {name: value[np.sort(chunk)] for name, value in batch.items()}
+          state, update_metrics = update_fn(state, parallel.shard_batch(minibatch, mesh))
+      update_metrics = jax.device_get(update_metrics)
+      timings["time/update"] = time.perf_counter() - started
+
+      last = {**rollout_metrics(step_prompts, grades, np.asarray(rewards), lengths, np.asarray(aux["include"]), k),
+              **{k_: float(v) for k_, v in update_metrics.items()}, **timings,
+              "sampler_trainer_logprob_gap/mean": float(gap.sum() / max(mask[:, -completion.shape[1]:].sum(), 1)),
+              "sampler_trainer_logprob_gap/max": float(gap.max()),
+              "learning_rate": float(schedule(int(state["step"]) - 1)),
+              "truncated_rate": float(1 - finished.mean())}
+      if not np.isfinite(last["loss"]):
+        raise FloatingPointError(f"RL loss is {last['loss']} at step {step}; the update was skipped")
+      writer.write(step + 1, last)
+      if (step + 1) % config.sample_table_every == 0 and jax.process_index() == 0:
+        with open(samples_path, "a") as f:
+          for request, text, grade, reward in list(zip(requests, texts, grades, np.asarray(rewards)))[:config.sample_table_rows]:
+            f.write(json.dumps({"step": step + 1, "prompt_id": request.prompt_id, "completion": text,
+                                "reward": float(reward), "safety": grade.safety, "helpfulness": grade.helpfulness,
+                                "mode": grade.mode, "valid": grade.valid}) + "\n")
+      checkpoint.save(ckpt, step + 1, state, {"num_steps": config.num_steps}, force=step + 1 == config.num_steps)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.close()
+  return last
