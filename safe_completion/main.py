@@ -21,8 +21,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 _VERBOSITY = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"], "absl log level.")
 
 STAGES = {
+    "datagen": "safe_completion.datagen_stage",
+    "reward_model": "safe_completion.graders.reward_model",
     "sft": "safe_completion.sft",
     "rl": "safe_completion.rl.loop",
+    "eval": "safe_completion.evaluation.evaluate",
+    "experiment": "safe_completion.experiment",
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 P = jax.sharding.PartitionSpec
 NamedSharding = jax.sharding.NamedSharding
@@ -109,18 +110,28 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Places a host batch on the mesh, split over the batch axis.
+  """Places a global host batch on the mesh, split over the batch axis.
 
-  On one process `batch` is the global batch; on several, each process passes
-  its own slice and the global array is assembled from the process-local data.
+  Every process builds the same global batch (data order is a pure function of
+  (seed, step)); each one then transfers only the rows of its own devices, so a
+  run gives the same result on one host or many.
   """
+  sharding = batch_sharding(mesh)
+
   def put(x):
     x = np.asarray(x)
-    sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding)
-    return jax.make_array_from_process_local_data(sharding, x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
   return jax.tree.map(put, batch)
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of (possibly batch-sharded) arrays; on several processes each gets the whole array."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 @contextlib.contextmanager

@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, parallel.replicated(mesh)),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model_config=model_config),
-                    in_shardings=(shardings["params"], batch_sharding))
+                    in_shardings=(shardings["params"], batch_sharding), out_shardings=parallel.replicated(mesh))
 
   ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
                             save_interval_steps=config.checkpoint.every_steps,
@@ -185,10 +185,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt.wait_until_finished()
   ckpt.close()
   writer.close()
-  if config.export_hf_dir and jax.process_index() == 0:
+  if config.export_hf_dir:
     from safe_completion.models import convert
-    convert.export_hf(jax.device_get(state["params"]), model_config, config.export_hf_dir,
-                      architecture=config.export_architecture, tokenizer=tokenizer)
+    host_params = parallel.to_host(state["params"])  # A collective: every process takes part.
+    if jax.process_index() == 0:
+      convert.export_hf(host_params, model_config, config.export_hf_dir, architecture=config.export_architecture,
+                        tokenizer=tokenizer)
   return last
 
 

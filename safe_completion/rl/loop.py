@@ -159,7 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rollout = sample_fn(state["params"], prompt_tokens=parallel.shard_batch(prompt_tokens, mesh),
                           prompt_mask=parallel.shard_batch(prompt_mask, mesh),
                           rng=jax.random.fold_in(base_rng, step))
-      completion, lengths, finished, sampler_logprobs = jax.device_get(
+      completion, lengths, finished, sampler_logprobs = parallel.to_host(
           (rollout.tokens, rollout.lengths, rollout.finished, rollout.logprobs))
       timings["time/sample"] = time.perf_counter() - started
 
@@ -179,26 +179,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       device_batch = parallel.shard_batch(batch, mesh)
       old_logprobs = logprob_fn(state["params"], device_batch)
       ref_logprobs = logprob_fn(ref_params, device_batch)
+      host_old, host_ref = parallel.to_host((old_logprobs, ref_logprobs))
+      mask = batch["completion_mask"]
       if rl.kl_mode == "k1_reward":
-        rewards = pg.kl_penalized_rewards(rewards, old_logprobs, ref_logprobs, device_batch["completion_mask"],
-                                          rl.kl_coef)
+        rewards = pg.kl_penalized_rewards(rewards, host_old, host_ref, mask, rl.kl_coef)
       advantages = rewards_lib.group_advantages(jnp.asarray(rewards).reshape(group, k),
                                                 jnp.asarray(aux["include"]).reshape(group, k), rl.advantage)
-      host_old, mask = jax.device_get((old_logprobs, device_batch["completion_mask"]))
-      gap = np.abs(host_old[:, -completion.shape[1]:] - sampler_logprobs) * mask[:, -completion.shape[1]:]
-      batch.update(old_logprobs=host_old, ref_logprobs=np.asarray(jax.device_get(ref_logprobs)),
-                   advantages=np.asarray(advantages).reshape(-1))
+      width = completion.shape[1]
+      gap = np.abs(host_old[:, -width:] - sampler_logprobs) * mask[:, -width:]
+      batch.update(old_logprobs=host_old, ref_logprobs=host_ref, advantages=np.asarray(advantages).reshape(-1))
       order = np.random.default_rng([config.seed, step]).permutation(group * k)
       for _ in range(rl.epochs):
         for chunk in np.array_split(order, rl.minibatches):
           minibatch = {name: value[np.sort(chunk)] for name, value in batch.items()}
           state, update_metrics = update_fn(state, parallel.shard_batch(minibatch, mesh))
-      update_metrics = jax.device_get(update_metrics)
+      update_metrics = parallel.to_host(update_metrics)
       timings["time/update"] = time.perf_counter() - started
 
       last = {**rollout_metrics(step_prompts, grades, np.asarray(rewards), lengths, np.asarray(aux["include"]), k),
               **{k_: float(v) for k_, v in update_metrics.items()}, **timings,
-              "sampler_trainer_logprob_gap/mean": float(gap.sum() / max(mask[:, -completion.shape[1]:].sum(), 1)),
+              "sampler_trainer_logprob_gap/mean": float(gap.sum() / max(mask[:, -width:].sum(), 1)),
               "sampler_trainer_logprob_gap/max": float(gap.max()),
               "learning_rate": float(schedule(int(state["step"]) - 1)),
               "truncated_rate": float(1 - finished.mean())}
