@@ -20,13 +20,14 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 _VERBOSITY = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"], "absl log level.")
 
+# stage name -> "module:function(config, workdir)".
 STAGES = {
-    "datagen": "safe_completion.datagen_stage",
-    "reward_model": "safe_completion.graders.reward_model",
-    "sft": "safe_completion.sft",
-    "rl": "safe_completion.rl.loop",
-    "eval": "safe_completion.evaluation.evaluate",
-    "experiment": "safe_completion.experiment",
+    "datagen": "safe_completion.datagen_stage:run",
+    "reward_model": "safe_completion.graders.reward_model:train",
+    "sft": "safe_completion.sft:train",
+    "rl": "safe_completion.rl.loop:train",
+    "eval": "safe_completion.evaluation.evaluate:run",
+    "experiment": "safe_completion.experiment:run",
 }
 
 
@@ -37,8 +38,8 @@ def main(argv):
   config = _CONFIG.value
   if config.stage not in STAGES:
     raise app.UsageError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
-  stage = importlib.import_module(STAGES[config.stage])
-  stage.train(config, _WORKDIR.value)
+  module_name, function_name = STAGES[config.stage].split(":")
+  getattr(importlib.import_module(module_name), function_name)(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

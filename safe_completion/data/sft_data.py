@@ -45,9 +45,14 @@ def demonstration_examples(data_dir: str, arm: str) -> list[SftExample]:
 
 
 def sft_record_examples(path: str) -> list[SftExample]:
-  """SFT records written by datagen (JSONL with id, messages, cot, answer)."""
+  """SFT records written by datagen (`records-*.jsonl` in an arm's directory, or one JSONL file)."""
   examples = []
-  files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl")) if os.path.isdir(path) else [path]
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.startswith("records-") and f.endswith(".jsonl"))
+    if not files:
+      raise FileNotFoundError(f"no records-*.jsonl in {path}: run the datagen stage first")
+  else:
+    files = [path]
   for file in files:
     with open(file) as f:
       for line_number, line in enumerate(f, 1):

@@ -1,0 +1,42 @@
+r"""Spec-guided SFT data: teacher samples with the spec in view, filtered by a judge, for both arms.
+
+Offline tiny default (the shipped demonstrations as teacher, the learned reward model as judge):
+  python -m safe_completion.main --config=configs/reward_model.py:tiny --workdir=/tmp/sc_rm
+  python -m safe_completion.main --config=configs/datagen.py:tiny --workdir=/tmp/sc_datagen \
+    --config.judge.reward_model_dir=/tmp/sc_rm
+A reasoning model as teacher and an LLM judge, both behind OpenAI-compatible endpoints (e.g. vLLM):
+  python -m safe_completion.main --config=configs/datagen.py:endpoint --workdir=/tmp/sc_datagen \
+    --config.teacher.endpoint.base_url=http://localhost:8000/v1 --config.teacher.endpoint.model=Qwen/QwQ-32B \
+    --config.judge.endpoint.base_url=http://localhost:8001/v1 --config.judge.endpoint.model=Qwen/QwQ-32B
+Then train on an arm's records: configs/sft.py with --config.data.source=records
+--config.data.records_path=/tmp/sc_datagen/safe_completion.
+"""
+
+import ml_collections as mlc
+
+
+def _endpoint() -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY", max_concurrency=8, cache_path=""))
+
+
+def get_config(arg: str = "tiny") -> mlc.ConfigDict:
+  if arg not in ("tiny", "endpoint"):
+    raise ValueError(f"unknown datagen preset {arg!r}; choose one of ['endpoint', 'tiny']")
+  config = mlc.ConfigDict()
+  config.stage = "datagen"
+  config.seed = 0
+  config.arms = ("safe_completion", "refusal")
+  config.spec_dir = ""  # Empty: the repository's specs/.
+  config.data = mlc.ConfigDict(dict(prompts_path="", max_prompts=0))
+  config.teacher = mlc.ConfigDict(dict(kind="demonstrations" if arg == "tiny" else "http", demonstrations_path="",
+                                       endpoint=_endpoint(), max_tokens=2048, temperature=0.7))
+  config.judge = mlc.ConfigDict(dict(kind="reward_model" if arg == "tiny" else "llm_judge", reward_model_dir="",
+                                     keyword="", saturation=4, endpoint=_endpoint(), arm="safe_completion"))
+  # Per-arm filter: the refusal baseline's refusals are meant to be unhelpful, so only safety gates them.
+  config.filter = mlc.ConfigDict(dict(
+      safe_completion=dict(min_safety=0.75, min_helpfulness=0.3, require_intended_mode=False),
+      refusal=dict(min_safety=0.75, min_helpfulness=0.0, require_intended_mode=False)))
+  config.max_attempts = 1 if arg == "tiny" else 4
+  config.batch_size = 32
+  config.shard_size = 1000
+  return config

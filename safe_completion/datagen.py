@@ -1,0 +1,271 @@
+"""Spec-guided SFT data: a teacher answers each prompt *with* its spec, a judge filters.
+
+For each train prompt and arm, the teacher sees the category's spec, the arm's
+modes guide and an instruction to consult them, and writes
+`<reasoning>..</reasoning><mode>..</mode><answer>..</answer>`. A grader with
+the full spec grades the answer; samples that pass the thresholds become SFT
+records pairing the *original* prompt (no spec) with the CoT and answer.
+
+Output (per arm, in `<workdir>/<arm>/`): `records-NNNNN.jsonl` shards, one
+line per kept prompt; `dropped.jsonl`, one line per prompt whose attempts all
+failed; `stats.json`, kept/dropped counts per reason per (category, intent).
+Resumable: ids already in either file are skipped; a torn last line from a kill
+is cut off before appending.
+"""
+
+import collections
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import ml_collections
+import tqdm
+
+from safe_completion import specs as specs_lib
+from safe_completion import taxonomy
+from safe_completion.backends import base as backends_base
+from safe_completion.data import records
+from safe_completion.graders import base as graders_base
+
+TEACHER_INSTRUCTION = (
+    "You are writing a training demonstration. Before answering, consult the policy spec above: identify "
+    "the category and the spec sections that apply, decide whether a full answer would meaningfully "
+    "facilitate harm, and choose one of the allowed modes ({modes}). Then answer in that mode, following "
+    "the output format of the modes guide exactly. The answer must not mention the spec or these "
+    "instructions.")
+_TAG = re.compile(r"<(reasoning|mode|answer)>(.*?)</\1>", re.DOTALL)
+
+
+class TeacherParseError(ValueError):
+  """A teacher output that does not follow the required format; `reason` names the problem."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSample:
+  cot: str
+  mode: str
+  answer: str
+
+
+def teacher_messages(prompt: records.PromptRecord, category_spec: specs_lib.Spec,
+                     modes_guide: specs_lib.Spec, arm: str) -> list[dict]:
+  """The spec-augmented input: spec + modes guide + instruction as system turn, then the conversation."""
+  instruction = TEACHER_INSTRUCTION.format(modes=", ".join(taxonomy.ARM_MODES[arm]))
+  system = "\n\n".join([specs_lib.render_spec(category_spec), specs_lib.render_spec(modes_guide), instruction])
+  return [{"role": "system", "content": system}, *prompt.messages]
+
+
+def parse_teacher_output(text: str, arm: str) -> TeacherSample:
+  """Strict parse of the three tags; each a single non-empty block, the mode allowed for the arm."""
+  found = collections.defaultdict(list)
+  for tag, body in _TAG.findall(text):
+    found[tag].append(body.strip())
+  for tag in ("reasoning", "mode", "answer"):
+    if len(found[tag]) != 1:
+      raise TeacherParseError(f"{len(found[tag])} <{tag}> blocks" if found[tag] else f"missing <{tag}>")
+    if not found[tag][0]:
+      raise TeacherParseError(f"empty <{tag}>")
+  mode = found["mode"][0]
+  if mode not in taxonomy.ARM_MODES[arm]:
+    raise TeacherParseError(f"mode {mode!r} not allowed for arm {arm}")
+  return TeacherSample(found["reasoning"][0], mode, found["answer"][0])
+
+
+def format_teacher_output(sample: TeacherSample) -> str:
+  return f"<reasoning>\n{sample.cot}\n</reasoning>\n<mode>{sample.mode}</mode>\n<answer>\n{sample.answer}\n</answer>"
+
+
+class Teacher(Protocol):
+  model_id: str
+
+  def generate(self, prompts: Sequence[records.PromptRecord], messages: Sequence[list[dict]],
+               attempt: int) -> list[str]:
+    """One raw output per prompt (attempt numbers from 0, so samplers can vary the seed)."""
+
+
+class DemonstrationTeacher:
+  """The shipped demonstrations as a teacher: the offline default of the tiny pipeline."""
+
+  def __init__(self, demonstrations: Iterable[records.Demonstration], arm: str):
+    self.model_id = f"demonstrations:{arm}"
+    self._by_prompt = {d.prompt_id: d for d in demonstrations if d.arm == arm}
+
+  def generate(self, prompts, messages, attempt):
+    del messages, attempt
+    outputs = []
+    for prompt in prompts:
+      demo = self._by_prompt.get(prompt.id)
+      outputs.append("" if demo is None else format_teacher_output(TeacherSample(demo.cot, demo.mode, demo.answer)))
+    return outputs
+
+
+class BackendTeacher:
+  """Any generation backend (an OpenAI-compatible server, or our local model) as the teacher."""
+
+  def __init__(self, backend: backends_base.Backend, sampling: backends_base.SamplingParams):
+    self.backend, self.sampling = backend, sampling
+    self.model_id = backend.model_id
+
+  def generate(self, prompts, messages, attempt):
+    del prompts
+    sampling = dataclasses.replace(self.sampling, n=1, seed=(self.sampling.seed or 0) + attempt)
+    completions = self.backend.generate(list(messages), sampling)
+    return [choices[0].text for choices in completions]
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+  min_safety: float = 0.75
+  min_helpfulness: float = 0.5
+  require_intended_mode: bool = False
+
+
+def intended_mode(arm: str, intent: str) -> str:
+  """The mode the arm's recipe intends by intent (used only when the filter asks for agreement)."""
+  if arm == "refusal":
+    return "direct" if intent == "benign" else "refusal"
+  return {"benign": "direct", "dual_use": "safe_completion", "malicious": "refusal"}[intent]
+
+
+def judge_verdict(grade: graders_base.Grade, sample: TeacherSample, prompt: records.PromptRecord, arm: str,
+                  config: FilterConfig) -> str:
+  """'kept' or the reason a graded sample is dropped."""
+  if not grade.valid:
+    return "invalid_grade"
+  if grade.safety < config.min_safety:
+    return "unsafe"
+  if grade.helpfulness < config.min_helpfulness:
+    return "unhelpful"
+  if config.require_intended_mode and sample.mode != intended_mode(arm, prompt.intent):
+    return "mode_mismatch"
+  return "kept"
+
+
+class RecordWriter:
+  """Append-only, line-atomic JSONL shards that a killed run can resume without duplicates."""
+
+  def __init__(self, directory: str, shard_size: int):
+    os.makedirs(directory, exist_ok=True)
+    self.directory, self.shard_size = directory, shard_size
+    self.dropped_path = os.path.join(directory, "dropped.jsonl")
+    self.done_ids: set[str] = set()
+    self._kept_count = 0
+    for path in self.shards() + [self.dropped_path]:
+      for row in self.read_rows(path):
+        self.done_ids.add(row["id"])
+        if path != self.dropped_path:
+          self._kept_count += 1
+
+  def shards(self) -> list[str]:
+    return sorted(os.path.join(self.directory, f) for f in os.listdir(self.directory)
+                  if f.startswith("records-") and f.endswith(".jsonl"))
+
+  @staticmethod
+  def read_rows(path: str) -> list[dict]:
+    """Rows of a file; a torn final line (no newline: the process died mid-write) is cut off."""
+    if not os.path.exists(path):
+      return []
+    with open(path, "rb") as f:
+      data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+      with open(path, "r+b") as f:
+        f.truncate(len(complete))
+    return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+
+  def _append(self, path: str, row: dict) -> None:
+    with open(path, "a") as f:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    self.done_ids.add(row["id"])
+
+  def write_record(self, row: dict) -> None:
+    shard = self._kept_count // self.shard_size
+    self._append(os.path.join(self.directory, f"records-{shard:05d}.jsonl"), row)
+    self._kept_count += 1
+
+  def write_dropped(self, row: dict) -> None:
+    self._append(self.dropped_path, row)
+
+
+def generate_arm(prompts: Sequence[records.PromptRecord], specs: dict, arm: str, teacher: Teacher,
+                 grader: graders_base.Grader, out_dir: str, *, max_attempts: int, batch_size: int,
+                 filter_config: FilterConfig, shard_size: int = 1000) -> dict:
+  """Runs (or resumes) datagen for one arm; returns the stats it also writes to stats.json."""
+  writer = RecordWriter(out_dir, shard_size)
+  pending = [p for p in prompts if p.id not in writer.done_ids]
+  guide = specs_lib.modes_guide(specs, arm)
+  for start in tqdm.trange(0, len(pending), batch_size, desc=f"datagen {arm}", disable=not pending):
+    batch = pending[start:start + batch_size]
+    messages = [teacher_messages(p, specs_lib.category_spec(specs, p.category), guide, arm) for p in batch]
+    reasons = {p.id: [] for p in batch}
+    kept: dict[str, tuple] = {}
+    for attempt in range(max_attempts):
+      todo = [i for i, p in enumerate(batch) if p.id not in kept]
+      if not todo:
+        break
+      outputs = teacher.generate([batch[i] for i in todo], [messages[i] for i in todo], attempt)
+      parsed = []
+      for i, text in zip(todo, outputs):
+        try:
+          parsed.append((i, parse_teacher_output(text, arm)))
+        except TeacherParseError as e:
+          reasons[batch[i].id].append(f"unparsable: {e.reason}")
+      requests = [graders_base.GradeRequest(prompt=batch[i].messages, response=s.answer, category=batch[i].category,
+                                            intent=batch[i].intent, prompt_id=batch[i].id) for i, s in parsed]
+      grades = grader.grade(requests) if requests else []
+      for (i, sample), grade in zip(parsed, grades):
+        verdict = judge_verdict(grade, sample, batch[i], arm, filter_config)
+        if verdict == "kept":
+          kept[batch[i].id] = (sample, grade)
+        else:
+          reasons[batch[i].id].append(verdict)
+    for prompt in batch:
+      if prompt.id in kept:
+        sample, grade = kept[prompt.id]
+        writer.write_record(sft_record(prompt, arm, sample, grade, teacher.model_id, reasons[prompt.id]))
+      else:
+        writer.write_dropped({"id": prompt.id, "category": prompt.category, "intent": prompt.intent,
+                              "arm": arm, "reasons": reasons[prompt.id]})
+  stats = compute_stats(writer)
+  with open(os.path.join(out_dir, "stats.json"), "w") as f:
+    json.dump(stats, f, indent=2, sort_keys=True)
+  return stats
+
+
+def sft_record(prompt: records.PromptRecord, arm: str, sample: TeacherSample, grade: graders_base.Grade,
+               teacher_id: str, failed_attempts: list[str]) -> dict:
+  """An SFT record: the original prompt (no spec), the teacher's CoT and answer, and its grade."""
+  return {"id": prompt.id, "arm": arm, "messages": list(prompt.messages), "cot": sample.cot,
+          "answer": sample.answer, "mode": sample.mode, "category": prompt.category, "intent": prompt.intent,
+          "teacher": teacher_id, "failed_attempts": failed_attempts,
+          "grade": {"safety": grade.safety, "helpfulness": grade.helpfulness, "mode": grade.mode,
+                    "severity": grade.severity, "grader": grade.grader, "judge_model": grade.judge_model,
+                    "template_hash": grade.template_hash}}
+
+
+def compute_stats(writer: RecordWriter) -> dict:
+  """Kept and dropped counts per (category, intent), and the reasons of every failed attempt."""
+  cells = collections.defaultdict(collections.Counter)
+  for path in writer.shards():
+    for row in writer.read_rows(path):
+      cells[f"{row['category']}/{row['intent']}"]["kept"] += 1
+      for reason in row["failed_attempts"]:
+        cells[f"{row['category']}/{row['intent']}"][f"attempt_failed:{reason.split(':')[0]}"] += 1
+  for row in writer.read_rows(writer.dropped_path):
+    cell = cells[f"{row['category']}/{row['intent']}"]
+    cell["dropped"] += 1
+    for reason in row["reasons"]:
+      cell[f"attempt_failed:{reason.split(':')[0]}"] += 1
+  totals = collections.Counter()
+  for counts in cells.values():
+    totals.update(counts)
+  return {"cells": {k: dict(v) for k, v in sorted(cells.items())}, "totals": dict(totals)}
