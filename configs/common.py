@@ -50,3 +50,8 @@ def checkpointing(every_steps: int, keep: int = 2) -> mlc.ConfigDict:
 def wandb() -> mlc.ConfigDict:
   """Off by default; `--config.wandb.enabled=True` logs offline (no key needed) unless mode=online."""
   return mlc.ConfigDict(dict(enabled=False, project="safe_completion", mode="offline", name=""))
+
+
+def endpoint() -> mlc.ConfigDict:
+  """An OpenAI-compatible endpoint (vLLM, SGLang, a hosted API); the API key comes from the named env var."""
+  return mlc.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY", max_concurrency=8, cache_path=""))

@@ -14,9 +14,7 @@ Then train on an arm's records: configs/sft.py with --config.data.source=records
 
 import ml_collections as mlc
 
-
-def _endpoint() -> mlc.ConfigDict:
-  return mlc.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY", max_concurrency=8, cache_path=""))
+from configs import common
 
 
 def get_config(arg: str = "tiny") -> mlc.ConfigDict:
@@ -29,9 +27,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.spec_dir = ""  # Empty: the repository's specs/.
   config.data = mlc.ConfigDict(dict(prompts_path="", max_prompts=0))
   config.teacher = mlc.ConfigDict(dict(kind="demonstrations" if arg == "tiny" else "http", demonstrations_path="",
-                                       endpoint=_endpoint(), max_tokens=2048, temperature=0.7))
+                                       endpoint=common.endpoint(), max_tokens=2048, temperature=0.7))
   config.judge = mlc.ConfigDict(dict(kind="reward_model" if arg == "tiny" else "llm_judge", reward_model_dir="",
-                                     keyword="", saturation=4, endpoint=_endpoint(), arm="safe_completion"))
+                                     keyword="", saturation=4, endpoint=common.endpoint(), arm="safe_completion"))
   # Per-arm filter: the refusal baseline's refusals are meant to be unhelpful, so only safety gates them.
   config.filter = mlc.ConfigDict(dict(
       safe_completion=dict(min_safety=0.75, min_helpfulness=0.3, require_intended_mode=False),

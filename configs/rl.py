@@ -43,7 +43,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.data = mlc.ConfigDict(dict(prompts_path="", split="train", max_prompts=0))
   config.grader = mlc.ConfigDict(dict(
       kind="reward_model", reward_model_dir="", keyword="", saturation=4,
-      endpoint=dict(base_url="", model="", api_key_env="OPENAI_API_KEY", max_concurrency=8, cache_path="")))
+      endpoint=common.endpoint()))
   config.reward = mlc.ConfigDict(dict(combiner="multiplicative", invalid_policy="exclude", truncation_penalty=0.0,
                                       additive_weights=(0.5, 0.5), refusal_safety_threshold=0.5))
   config.rl = mlc.ConfigDict(dict(

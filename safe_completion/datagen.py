@@ -21,9 +21,9 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-import ml_collections
 import tqdm
 
+from safe_completion import jsonl
 from safe_completion import specs as specs_lib
 from safe_completion import taxonomy
 from safe_completion.backends import base as backends_base
@@ -158,7 +158,7 @@ class RecordWriter:
     self.done_ids: set[str] = set()
     self._kept_count = 0
     for path in self.shards() + [self.dropped_path]:
-      for row in self.read_rows(path):
+      for row in jsonl.read_rows(path):
         self.done_ids.add(row["id"])
         if path != self.dropped_path:
           self._kept_count += 1
@@ -167,24 +167,8 @@ class RecordWriter:
     return sorted(os.path.join(self.directory, f) for f in os.listdir(self.directory)
                   if f.startswith("records-") and f.endswith(".jsonl"))
 
-  @staticmethod
-  def read_rows(path: str) -> list[dict]:
-    """Rows of a file; a torn final line (no newline: the process died mid-write) is cut off."""
-    if not os.path.exists(path):
-      return []
-    with open(path, "rb") as f:
-      data = f.read()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-      with open(path, "r+b") as f:
-        f.truncate(len(complete))
-    return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-
   def _append(self, path: str, row: dict) -> None:
-    with open(path, "a") as f:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    jsonl.append_rows(path, [row])
     self.done_ids.add(row["id"])
 
   def write_record(self, row: dict) -> None:
@@ -256,11 +240,11 @@ def compute_stats(writer: RecordWriter) -> dict:
   """Kept and dropped counts per (category, intent), and the reasons of every failed attempt."""
   cells = collections.defaultdict(collections.Counter)
   for path in writer.shards():
-    for row in writer.read_rows(path):
+    for row in jsonl.read_rows(path):
       cells[f"{row['category']}/{row['intent']}"]["kept"] += 1
       for reason in row["failed_attempts"]:
         cells[f"{row['category']}/{row['intent']}"][f"attempt_failed:{reason.split(':')[0]}"] += 1
-  for row in writer.read_rows(writer.dropped_path):
+  for row in jsonl.read_rows(writer.dropped_path):
     cell = cells[f"{row['category']}/{row['intent']}"]
     cell["dropped"] += 1
     for reason in row["reasons"]:

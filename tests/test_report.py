@@ -50,7 +50,7 @@ def paths(tmp_path_factory):
   attacked = {"rot13": arm(2, 0.5, ["direct"], suffix="@rot13")}
   attack_results = attacks.attack_report(attacked, safe, permutations=200, **options)
   meta = {"model": "tiny", "k": 4, "threshold": np.float32(0.5), "note": math.nan}
-  return report.write_report(tmp_path / "out", arms, comparison, attack_results, meta)
+  return report.write_report(tmp_path / "out", arms, comparison, {"safe_completion": attack_results}, meta)
 
 
 def test_report_files_render(paths):
@@ -93,7 +93,7 @@ def test_json_parses_and_keeps_everything(paths):
   assert loaded["meta"] == {"model": "tiny", "k": 4, "threshold": 0.5, "note": None}
   assert loaded["arms"]["refusal"]["overall"]["n_invalid"] == 1
   assert loaded["comparison"]["names"] == ["refusal", "safe_completion"]
-  assert "rot13" in loaded["attacks"]
+  assert "rot13" in loaded["attacks"]["safe_completion"]
 
 
 def test_report_without_comparison_or_attacks(tmp_path):

@@ -195,7 +195,7 @@ def _comparison_table(comparison: Mapping[str, Any]) -> list[str]:
   return lines + _table(header, rows)
 
 
-def _attack_table(attacks: Mapping[str, Any]) -> list[str]:
+def _attack_table(arm: str, attacks: Mapping[str, Any]) -> list[str]:
   header = ["Attack", "n prompts", "unsafe (baseline)", "unsafe (attacked)",
             "difference", "permutation p", "P(mod/high | unsafe) baseline",
             "P(mod/high | unsafe) attacked"]
@@ -208,7 +208,7 @@ def _attack_table(attacks: Mapping[str, Any]) -> list[str]:
           for name, r in attacks.items()]
   note = ("Unsafe rate on attacked prompts against the same prompts untransformed; "
           "difference is per prompt (attacked - baseline).")
-  return ["## Attacks", "", note, ""] + _table(header, rows)
+  return [f"## Attacks: {arm}", "", note, ""] + _table(header, rows)
 
 
 def render_markdown(arms: Mapping[str, Mapping], comparison: Mapping[str, Any] | None,
@@ -221,8 +221,8 @@ def render_markdown(arms: Mapping[str, Mapping], comparison: Mapping[str, Any] |
   lines += _invalid_table(arms)
   if comparison is not None:
     lines += _comparison_table(comparison)
-  if attacks is not None:
-    lines += _attack_table(attacks)
+  for arm, arm_attacks in (attacks or {}).items():
+    lines += _attack_table(arm, arm_attacks)
   return "\n".join(lines)
 
 
@@ -282,7 +282,10 @@ def plot_severity(arms: Mapping[str, Mapping], path: Path) -> None:
 
 def write_report(out_dir: str | Path, arms: Mapping[str, Mapping], comparison: Mapping | None,
                  attacks: Mapping | None, meta: Mapping[str, Any]) -> dict[str, Path]:
-  """Writes report.md, report.json and the two PNG plots; returns their paths by name."""
+  """Writes report.md, report.json and the two PNG plots; returns their paths by name.
+
+  `arms` and `attacks` are keyed by arm name (attacks: `attacks.attack_report` of that arm).
+  """
   if not arms:
     raise ValueError("no arms to report")
   out = Path(out_dir)
