@@ -1,0 +1,92 @@
+"""The memory plan: exact param/cache bytes from real shapes and shardings, the table, the fit verdict."""
+
+import jax
+import numpy as np
+import pytest
+
+from safe_completion import parallel
+from safe_completion import plan
+from safe_completion.models import transformer
+
+
+def test_llama3_8b_param_count_is_8b():
+  stats = plan.param_stats(plan.model_config("llama3_8b"), plan.axis_sizes((1, -1, 4), 16))
+  assert stats.count == pytest.approx(8.03e9, rel=2e-3)
+  assert not stats.indivisible
+
+
+def test_bytes_per_device_halve_when_fsdp_doubles():
+  config = plan.model_config("llama3_8b")
+  fsdp2 = plan.param_stats(config, plan.axis_sizes((1, 2, 4), 8)).bytes_per_device
+  fsdp4 = plan.param_stats(config, plan.axis_sizes((1, 4, 4), 16)).bytes_per_device
+  # Norm scales (2 per layer + the final one) map to no mesh axis: they stay whole; everything else halves.
+  replicated = (2 * config.num_layers + 1) * config.hidden_size * 4
+  assert fsdp4 - replicated == (fsdp2 - replicated) // 2
+
+
+def test_param_bytes_equal_the_shards_of_real_shardings():
+  config = plan.model_config("tiny")
+  mesh = parallel.make_mesh((2, 2, 2))
+  shapes = jax.eval_shape(lambda rng: transformer.init_params(config, rng), jax.random.key(0))
+  shardings = parallel.logical_to_shardings(transformer.logical_param_specs(config), mesh)
+  expected = sum(int(np.prod(sharding.shard_shape(shape.shape))) * shape.dtype.itemsize
+                 for shape, sharding in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+  assert plan.param_stats(config, plan.axis_sizes((2, 2, 2), 8)).bytes_per_device == expected
+
+
+def test_only_mapped_dimensions_are_split():
+  sizes = {"data": 2, "fsdp": 4, "tensor": 8}
+  assert plan.split_factors(("layers", "embed", "mlp"), sizes) == [1, 4, 8]
+  assert plan.split_factors(("norm",), sizes) == [1]
+  assert plan.split_factors(("activation_batch", None), sizes) == [8, 1]
+
+
+def test_kv_cache_formula_equals_init_cache_bytes():
+  config = plan.model_config("tiny", dtype="bfloat16")
+  cache = transformer.init_cache(config, batch_size=6, max_len=40)
+  actual = sum(x.nbytes for x in jax.tree.leaves(cache))
+  assert plan.kv_cache_bytes(config, 6, 40, plan.axis_sizes((1, 1, 1), 1)) == actual
+  # Split over the batch axes (data x fsdp = 2 x 3): k, v and segment ids shrink 6x, the index does not.
+  assert plan.kv_cache_bytes(config, 6, 40, plan.axis_sizes((2, 3, 1), 6)) == (actual - 4) // 6 + 4
+
+
+def test_remat_policies_order_activation_memory():
+  config = plan.model_config("small")
+  per_layer = {policy: plan.activation_bytes_per_token(config, policy, 512)["per_layer"]
+               for policy in ("full", "dots_no_batch", "dots", "none")}
+  assert per_layer["full"] < per_layer["dots_no_batch"] < per_layer["dots"] < per_layer["none"]
+  assert per_layer["full"] == config.hidden_size * 4  # Only the f32 layer input.
+
+
+def test_table_has_the_rows_and_fits_on_a_big_device():
+  text = plan.format_plan(plan.make_plan("tiny", (1, -1, 1), 8, hbm_gib=80, batch_size=8, seq_len=128,
+                                         stage="rl", rl_batch=32, max_new_tokens=64))
+  for row in ("params", "optimizer (AdamW mu, nu)", "gradients", "reference params", "KV cache (rollout)",
+              "logits (log-prob pass)", "activations (update)", "total", "HBM"):
+    assert row in text
+  assert "fits:" in text and "does not fit" not in text
+
+
+def test_too_small_hbm_does_not_fit():
+  result = plan.make_plan("llama3_8b", (1, -1, 4), 16, hbm_gib=16, batch_size=256, seq_len=4096)
+  text = plan.format_plan(result)
+  assert not result.fits
+  assert "does not fit: needs" in text and "16.00 GiB" in text
+  assert "largest batch_size whose update fits: 4" in text
+  assert plan.make_plan("llama3_8b", (1, -1, 4), 16, hbm_gib=16, batch_size=4, seq_len=4096).fits
+
+
+def test_indivisible_mesh_is_reported():
+  # gemma_2b has one kv head: a tensor axis of 2 cannot split it.
+  text = plan.format_plan(plan.make_plan("gemma_2b", (1, -1, 2), 8, hbm_gib=32, batch_size=8, seq_len=512))
+  assert "ERROR: indivisible param" in text and "k_proj" in text
+
+
+def test_batch_not_divisible_by_batch_axes_is_an_error():
+  with pytest.raises(ValueError, match="not divisible by the batch axes"):
+    plan.make_plan("tiny", (1, -1, 1), 8, hbm_gib=16, batch_size=12, seq_len=64)
+
+
+def test_unknown_model_is_a_clear_error():
+  with pytest.raises(ValueError, match="unknown model preset 'llama9'"):
+    plan.make_plan("llama9", (1, -1, 1), 8, hbm_gib=16, batch_size=8, seq_len=64)
