@@ -9,8 +9,9 @@ rules mapped over the mesh), so they are exact. Activations and logits are
 estimates (formulas in `activation_bytes_per_token` and `logits_bytes`); XLA
 also keeps some HBM for itself, so treat a plan above ~90% of HBM as a no.
 
-Batch sizes, sequence lengths and the mesh default to the stage config's
-preset of the same name (`configs/sft.py:llama3_8b`), or to the slice's mesh.
+Batch sizes and sequence lengths default to the stage config's preset of the
+same name (`configs/sft.py:llama3_8b`); the mesh to the one `launch/tpu.py`
+passes on `--slice`, else to the stage preset's.
 """
 
 import dataclasses
@@ -95,7 +96,8 @@ def kv_cache_bytes(config: transformer.ModelConfig, batch: int, max_len: int, si
   key segment ids [batch, max_len] and the write index.
   """
   kv_shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-  kv = sharded_nbytes(kv_shape, config.compute_dtype, split_factors(sampling._CACHE_AXES, sizes, rules))  # pylint: disable=protected-access
+  cache_axes = sampling._CACHE_AXES  # pylint: disable=protected-access  (the sampler's own constraint)
+  kv = sharded_nbytes(kv_shape, config.compute_dtype, split_factors(cache_axes, sizes, rules))
   segments = sharded_nbytes((batch, max_len), np.int32, split_factors(("activation_batch", None), sizes, rules))
   return 2 * kv + segments + np.dtype(np.int32).itemsize
 
@@ -206,8 +208,8 @@ def _update_rows(config, batch: int, seq_len: int, sizes, rules, label: str, pha
 
 
 def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: float, batch_size: int, seq_len: int,
-              stage: str = "sft", rl_batch: int = 0, max_new_tokens: int = 0, rules=parallel.DEFAULT_RULES,
-              **model_overrides) -> Plan:
+              stage: str = "sft", rl_batch: int = 0, max_new_tokens: int = 0, grad_accum_steps: int = 1,
+              rules=parallel.DEFAULT_RULES, **model_overrides) -> Plan:
   """Per-device memory of one SFT train step, or of one RL step (rollout, log-probs, update).
 
   For RL, `seq_len` is the prompt length, `rl_batch` the rollout batch (prompts x samples)
@@ -222,6 +224,8 @@ def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: floa
   rows = [Row("params", params.bytes_per_device, "state", f"{params.count / 1e9:.2f}B x {config.param_dtype}"),
           Row("optimizer (AdamW mu, nu)", 2 * params.bytes_per_device, "state", f"2 x {config.param_dtype}"),
           Row("gradients", params.bytes_per_device, "state", config.param_dtype)]
+  if grad_accum_steps > 1:  # optax.MultiSteps keeps a params-shaped sum of the micro-batch gradients.
+    rows.append(Row("gradient accumulator", params.bytes_per_device, "state", f"{grad_accum_steps} micro-batches"))
   if stage == "sft":
     rows += _update_rows(config, batch_size, seq_len, sizes, rules, "train step", "update")
   else:
@@ -280,6 +284,16 @@ def stage_defaults(stage: str, model: str) -> dict[str, Any]:
           "max_new_tokens": rl.max_new_tokens, "mesh": tuple(config.mesh.shape)}
 
 
+def launch_mesh(model: str, slice_name: str | None) -> tuple[int, ...] | None:
+  """The mesh `launch/tpu.py` passes on this slice: the model preset's on its own slice, else the slice's."""
+  if not slice_name:
+    return None
+  preset = launch_presets.MODEL_PRESETS.get(model)
+  if preset and preset.slice == slice_name:
+    return preset.mesh
+  return launch_presets.get_slice(slice_name).mesh
+
+
 _MODEL = flags.DEFINE_string("model", "llama3_8b", "Model preset of configs/common.py.")
 _STAGE = flags.DEFINE_enum("stage", "sft", ["sft", "rl"], "Which step to plan.")
 _SLICE = flags.DEFINE_string("slice", None, f"TPU slice preset {sorted(launch_presets.SLICES)}: devices, HBM, mesh.")
@@ -291,6 +305,7 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "SFT batch, or RL update minib
 _SEQ = flags.DEFINE_integer("seq_len", None, "SFT sequence length, or RL prompt length; default: stage preset.")
 _RL_BATCH = flags.DEFINE_integer("rl_batch", None, "RL rollout batch (prompts x samples); default: stage preset.")
 _NEW = flags.DEFINE_integer("max_new_tokens", None, "RL completion length; default: stage preset.")
+_ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "config.optimizer.grad_accum_steps (adds an accumulator).")
 _REMAT = flags.DEFINE_enum("remat_policy", None, ["none", "full", "dots", "dots_no_batch"], "Override the preset's.")
 
 
@@ -301,7 +316,8 @@ def main(argv: Sequence[str]) -> None:
   hbm = _HBM.value or (launch_presets.DEVICE_HBM_GIB[_DEVICE_KIND.value] if _DEVICE_KIND.value else None)
   hbm = hbm or (tpu.hbm_gib if tpu else None)
   devices = _DEVICES.value or (tpu.devices if tpu else None)
-  mesh = [int(s) for s in _MESH.value] if _MESH.value else defaults.get("mesh") or (tpu.mesh if tpu else None)
+  mesh = launch_mesh(_MODEL.value, _SLICE.value) or defaults.get("mesh")
+  mesh = [int(s) for s in _MESH.value] if _MESH.value else mesh
   values = {"batch_size": _BATCH.value, "seq_len": _SEQ.value, "rl_batch": _RL_BATCH.value,
             "max_new_tokens": _NEW.value}
   values = {k: v if v is not None else defaults.get(k) for k, v in values.items()}
@@ -314,7 +330,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"no preset default for {_MODEL.value} {_STAGE.value}; pass {', '.join(missing)}")
   overrides = {"remat_policy": _REMAT.value} if _REMAT.value else {}
   plan = make_plan(_MODEL.value, mesh, devices, hbm, stage=_STAGE.value, rl_batch=values["rl_batch"] or 0,
-                   max_new_tokens=values["max_new_tokens"] or 0, batch_size=values["batch_size"],
+                   max_new_tokens=values["max_new_tokens"] or 0, grad_accum_steps=_ACCUM.value,
+                   batch_size=values["batch_size"],
                    seq_len=values["seq_len"], **overrides)
   print(format_plan(plan))
 

@@ -76,6 +76,13 @@ def test_too_small_hbm_does_not_fit():
   assert plan.make_plan("llama3_8b", (1, -1, 4), 16, hbm_gib=16, batch_size=4, seq_len=4096).fits
 
 
+def test_grad_accumulation_adds_a_params_sized_buffer():
+  base = plan.make_plan("tiny", (1, -1, 1), 8, hbm_gib=16, batch_size=8, seq_len=64)
+  accum = plan.make_plan("tiny", (1, -1, 1), 8, hbm_gib=16, batch_size=8, seq_len=64, grad_accum_steps=4)
+  assert accum.total - base.total == base.params.bytes_per_device
+  assert "gradient accumulator" in plan.format_plan(accum)
+
+
 def test_indivisible_mesh_is_reported():
   # gemma_2b has one kv head: a tensor axis of 2 cannot split it.
   text = plan.format_plan(plan.make_plan("gemma_2b", (1, -1, 2), 8, hbm_gib=32, batch_size=8, seq_len=512))
