@@ -115,9 +115,10 @@ def build_state(config, model_config, optimizer, mesh, rng, initial_params=None)
   opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes, param_shardings,
                                         transform_non_params=lambda _: replicated)
   opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-  state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32), "rng": rng}
+  # Placed by jit, not device_put: on several processes the replicated sharding is not addressable.
+  step, rng = jax.jit(lambda r: (jnp.zeros((), jnp.int32), r), out_shardings=(replicated, replicated))(rng)
+  state = {"params": params, "opt_state": opt_state, "step": step, "rng": rng}
   shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated, "rng": replicated}
-  state = jax.device_put(state, shardings)
   return state, shardings
 
 
