@@ -29,5 +29,5 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.sft = sft.get_config("tiny")
   config.rl = rl.get_config("tiny")
   config.eval = eval_config.get_config("tiny")
-  config.eval.attacks.names = ("past_tense", "fictional", "prefill", "base64")
+  config.eval.attacks.names = ("past_tense", "prefill", "base64")
   return config

@@ -42,8 +42,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   specs_lib.check_complete(specs)
   prompts, report = records.load_prompts(config.data.prompts_path or records.DEFAULT_DATA_DIR / "prompts",
                                          split="train")
-  if config.data.max_prompts:
-    prompts = prompts[:config.data.max_prompts]
+  prompts = records.spread_subset(prompts, config.data.max_prompts)
   grader = factory.make_grader(config.judge)
   stats = {}
   for arm in config.arms:

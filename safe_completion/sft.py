@@ -29,9 +29,16 @@ State = dict[str, Any]
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-  """AdamW with linear warmup then cosine or linear decay and global-norm clipping; and its schedule."""
+  """AdamW with linear warmup then decay and global-norm clipping; and the LR as a function of the train step.
+
+  `num_steps` counts train (micro) steps. With gradient accumulation over k
+  micro-steps the inner optimizer steps once per k, so its schedule is sized in
+  optimizer steps; the returned schedule maps a micro-step to the LR in force.
+  """
   opt = config.optimizer
-  decay_steps = max(num_steps - opt.warmup_steps, 1)
+  accum = max(opt.grad_accum_steps, 1)
+  optimizer_steps = max(num_steps // accum, 1)
+  decay_steps = max(optimizer_steps - opt.warmup_steps, 1)
   if opt.decay == "cosine":
     decay = optax.cosine_decay_schedule(opt.learning_rate, decay_steps, alpha=opt.final_lr_fraction)
   elif opt.decay == "linear":
@@ -44,9 +51,9 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[o
                                   [opt.warmup_steps])
   optimizer = optax.chain(optax.clip_by_global_norm(opt.clip_norm),
                           optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
-  if opt.grad_accum_steps > 1:
-    optimizer = optax.MultiSteps(optimizer, every_k_schedule=opt.grad_accum_steps)
-  return optimizer, schedule
+  if accum > 1:
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=accum)
+  return optimizer, lambda micro_step: schedule(micro_step // accum)
 
 
 def token_nll(params: Any, model_config: transformer.ModelConfig, batch: dict) -> tuple[jax.Array, jax.Array]:

@@ -1,5 +1,6 @@
 """Reward-model grader: training, save/load, Grader protocol, manipulation robustness, metrics."""
 
+import json
 import os
 
 import numpy as np
@@ -35,11 +36,11 @@ def encoder_and_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A reward model trained on the train split (frozen encoder; at most 400 rows for speed), and its report."""
-  workdir = str(tmp_path_factory.mktemp("rm"))
-  report = rm.train(_config(data={"data_dir": "", "max_train_rows": 400}), workdir)
-  return workdir, report, rm.RewardModelGrader.load(workdir)
+def trained(tiny_reward_model_dir):
+  """The session's reward model (train split, at most 400 rows, frozen encoder), its report and grader."""
+  with open(os.path.join(tiny_reward_model_dir, rm.REPORT_FILE)) as f:
+    report = json.load(f)
+  return tiny_reward_model_dir, report, rm.RewardModelGrader.load(tiny_reward_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -76,3 +76,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
   abstract = jax.eval_shape(lambda r: sft.transformer.init_params(model_config, r), jax.random.key(0))
   params = checkpoint.restore_params(str(tmp_path / "checkpoints"), abstract, step)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_gradient_accumulation_sizes_the_schedule_in_optimizer_steps():
+  config = micro_config(**{"optimizer.grad_accum_steps": 4, "optimizer.warmup_steps": 2,
+                           "optimizer.decay": "linear", "optimizer.final_lr_fraction": 0.0})
+  _, schedule = sft.make_optimizer(config, num_steps=40)  # 10 optimizer steps: 2 warmup, 8 decay.
+  learning_rate = config.optimizer.learning_rate
+  assert float(schedule(7)) == pytest.approx(learning_rate / 2 * 1)  # Micro-step 7 is optimizer step 1.
+  assert float(schedule(8)) == pytest.approx(learning_rate)  # Warmup done at optimizer step 2.
+  assert float(schedule(39)) == pytest.approx(learning_rate * 1 / 8)  # Optimizer step 9 of a 2..10 decay.

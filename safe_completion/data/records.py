@@ -270,3 +270,14 @@ def check_demonstrations(prompts: Sequence[PromptRecord],
     shown = "\n  ".join(problems[:50])
     more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
     raise DataError(f"{len(problems)} demonstration problems:\n  {shown}{more}")
+
+
+def spread_subset(items: Sequence[Any], count: int) -> list[Any]:
+  """`count` items spread evenly over `items` (all of them when count is 0 or too large).
+
+  Prompt files are ordered by category and intent, so a spread subset keeps every
+  cell represented where a prefix would not.
+  """
+  if not count or count >= len(items):
+    return list(items)
+  return [items[i * len(items) // count] for i in range(count)]

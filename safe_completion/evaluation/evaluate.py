@@ -7,6 +7,7 @@ repeated evaluation only generates what is missing.
 """
 
 import collections
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -80,7 +81,7 @@ def llm_rewriter(backend: backends_base.Backend):
 def eval_prompts(config: ml_collections.ConfigDict) -> list[records.PromptRecord]:
   prompts, _ = records.load_prompts(config.data.prompts_path or records.DEFAULT_DATA_DIR / "prompts",
                                     split=config.data.split, categories=config.data.categories or None)
-  return prompts[:config.data.max_prompts] if config.data.max_prompts else prompts
+  return records.spread_subset(prompts, config.data.max_prompts)
 
 
 def evaluate_model(config: ml_collections.ConfigDict, workdir: str, backend: backends_base.Backend,
@@ -101,7 +102,8 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, backend: bac
     targets = [p for p in prompts if p.intent in config.attacks.intents]
     rewriter = llm_rewriter(make_backend(config.attacks.rewriter)) if config.attacks.rewriter.kind else None
     attacked = attacks_lib.apply_attacks(targets, list(config.attacks.names), rewriter=rewriter)
-    attacked_completions = generate_and_grade(backend, grader, attacked, sampling,
+    attack_sampling = dataclasses.replace(sampling, n=config.attacks.samples_per_prompt)
+    attacked_completions = generate_and_grade(backend, grader, attacked, attack_sampling,
                                               os.path.join(workdir, "attacks.jsonl"), config.batch_size, "attacks")
     by_attack = collections.defaultdict(list)
     for completion in attacked_completions:

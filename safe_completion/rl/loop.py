@@ -113,8 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   prompts, _ = records.load_prompts(config.data.prompts_path or records.DEFAULT_DATA_DIR / "prompts",
                                     split=config.data.split)
-  if config.data.max_prompts:
-    prompts = prompts[:config.data.max_prompts]
+  prompts = records.spread_subset(prompts, config.data.max_prompts)
   grader = factory.make_grader(config.grader)
   reward_config = rewards_lib.RewardConfig(**config.reward.to_dict())
   pg_config = pg.PgConfig(clip_low=rl.clip_low, clip_high=rl.clip_high, kl_mode=rl.kl_mode, kl_coef=rl.kl_coef,
