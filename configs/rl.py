@@ -21,19 +21,21 @@ import ml_collections as mlc
 
 from configs import common
 
+# Real-model presets fit the launcher's slices per `python -m safe_completion.plan --stage=rl`
+# (llama3_8b / qwen2_7b on v5p-8: ~67 GiB of 95; gemma_2b on v6e-8: ~18 GiB of 32).
 _PRESETS = {
-    # name: (model preset, mesh, prompts/step, samples/prompt, max new tokens, steps, lr)
-    "tiny": ("tiny", (-1, 1, 1), 8, 4, 48, 20, 1e-4),
-    "llama3_8b": ("llama3_8b", (1, -1, 4), 64, 8, 1024, 500, 1e-6),
-    "qwen2_7b": ("qwen2_7b", (1, -1, 4), 64, 8, 1024, 500, 1e-6),
-    "gemma_2b": ("gemma_2b", (-1, 1, 1), 64, 8, 1024, 500, 2e-6),
+    # name: (model preset, mesh, prompts/step, samples/prompt, minibatches, max new tokens, steps, lr)
+    "tiny": ("tiny", (-1, 1, 1), 8, 4, 1, 48, 20, 1e-4),
+    "llama3_8b": ("llama3_8b", (1, -1, 1), 8, 4, 4, 1024, 2000, 1e-6),
+    "qwen2_7b": ("qwen2_7b", (1, -1, 1), 8, 4, 4, 1024, 2000, 1e-6),
+    "gemma_2b": ("gemma_2b", (1, -1, 1), 4, 4, 2, 1024, 2000, 2e-6),
 }
 
 
 def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   if arg not in _PRESETS:
     raise ValueError(f"unknown rl preset {arg!r}; choose one of {sorted(_PRESETS)}")
-  model_name, mesh_shape, prompts_per_step, samples, max_new_tokens, num_steps, lr = _PRESETS[arg]
+  model_name, mesh_shape, prompts_per_step, samples, minibatches, max_new_tokens, num_steps, lr = _PRESETS[arg]
   config = mlc.ConfigDict()
   config.stage = "rl"
   config.seed = 0
@@ -48,7 +50,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
                                       additive_weights=(0.5, 0.5), refusal_safety_threshold=0.5))
   config.rl = mlc.ConfigDict(dict(
       prompts_per_step=prompts_per_step, samples_per_prompt=samples, max_prompt_len=256 if arg == "tiny" else 2048,
-      max_new_tokens=max_new_tokens, temperature=1.0, advantage="drgrpo", epochs=1, minibatches=1,
+      max_new_tokens=max_new_tokens, temperature=1.0, advantage="drgrpo", epochs=1, minibatches=minibatches,
       clip_low=0.2, clip_high=0.2, kl_mode="k3_value_k2_grad", kl_coef=0.02,
       aggregation="seq_mean_token_sum_norm", mask_truncated=False))
   config.num_steps = num_steps

@@ -13,19 +13,22 @@ import ml_collections as mlc
 
 from configs import common
 
+# Real-model presets are sized with `python -m safe_completion.plan` for the launcher's slices
+# (llama3_8b / qwen2_7b on v5p-8: ~80 GiB of 95; gemma_2b on v6e-8: ~21 GiB of 32): a global
+# batch of 256 sequences as 8 per step x 32 accumulation steps.
 _PRESETS = {
-    # name: (model preset, mesh shape, batch size, seq len, steps, lr, warmup)
-    "tiny": ("tiny", (-1, 1, 1), 8, 384, 40, 3e-3, 4),
-    "llama3_8b": ("llama3_8b", (1, -1, 4), 256, 4096, 2000, 1e-5, 100),
-    "qwen2_7b": ("qwen2_7b", (1, -1, 4), 256, 4096, 2000, 1e-5, 100),
-    "gemma_2b": ("gemma_2b", (-1, 1, 1), 256, 4096, 2000, 2e-5, 100),
+    # name: (model preset, mesh shape, batch size, grad accumulation, seq len, steps, lr, warmup)
+    "tiny": ("tiny", (-1, 1, 1), 8, 1, 384, 40, 3e-3, 4),
+    "llama3_8b": ("llama3_8b", (1, -1, 1), 8, 32, 4096, 64000, 1e-5, 100),
+    "qwen2_7b": ("qwen2_7b", (1, -1, 1), 8, 32, 4096, 64000, 1e-5, 100),
+    "gemma_2b": ("gemma_2b", (1, -1, 1), 8, 32, 4096, 64000, 2e-5, 100),
 }
 
 
 def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   if arg not in _PRESETS:
     raise ValueError(f"unknown sft preset {arg!r}; choose one of {sorted(_PRESETS)}")
-  model_name, mesh_shape, batch_size, seq_len, num_steps, learning_rate, warmup = _PRESETS[arg]
+  model_name, mesh_shape, batch_size, grad_accum, seq_len, num_steps, learning_rate, warmup = _PRESETS[arg]
   config = mlc.ConfigDict()
   config.stage = "sft"
   config.seed = 0
@@ -39,6 +42,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.batch_size = batch_size
   config.num_steps = num_steps
   config.optimizer = common.optimizer(learning_rate, warmup)
+  config.optimizer.grad_accum_steps = grad_accum
   config.mesh = common.mesh(mesh_shape)
   config.checkpoint = common.checkpointing(every_steps=max(num_steps // 4, 1))
   config.log_every = 1
