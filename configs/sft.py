@@ -18,7 +18,7 @@ from configs import common
 # batch of 256 sequences as 8 per step x 32 accumulation steps.
 _PRESETS = {
     # name: (model preset, mesh shape, batch size, grad accumulation, seq len, steps, lr, warmup)
-    "tiny": ("tiny", (-1, 1, 1), 8, 1, 384, 40, 3e-3, 4),
+    "tiny": ("tiny", (-1, 1, 1), 8, 1, 512, 40, 3e-3, 4),
     "llama3_8b": ("llama3_8b", (1, -1, 1), 8, 32, 4096, 64000, 1e-5, 100),
     "qwen2_7b": ("qwen2_7b", (1, -1, 1), 8, 32, 4096, 64000, 1e-5, 100),
     "gemma_2b": ("gemma_2b", (1, -1, 1), 8, 32, 4096, 64000, 2e-5, 100),
