@@ -1,9 +1,10 @@
 """Scripted backends behind the real `serve` app, run as a subprocess by the HTTP and judge tests.
 
-  python -m tests.scripted_server --kind=echo|judge --port=PORT
+  python -m tests.scripted_server --kind=echo|judge|teacher --port=PORT
 
 `echo` answers each conversation with its last user message; `judge` is a
-deterministic stand-in for a naive LLM judge (see `ScriptedJudge`). Test-only
+deterministic stand-in for a naive LLM judge (see `ScriptedJudge`); `teacher` writes
+datagen teacher output (see `ScriptedTeacher`). Test-only
 routes: `GET /stats` (requests seen, most in flight at once), `POST /control` (fail the next k chat requests with a status; hold
 requests until k are in flight). With SCRIPTED_EXPECTED_KEY set in the
 environment, chat requests without that bearer key get 401.
@@ -221,8 +222,43 @@ class ScriptedJudge:
                                       completion_tokens=1)] * params.n for messages in conversations]
 
 
+class ScriptedTeacher:
+  """A datagen teacher: the three-tag format, a refusal with redirection (allowed in both arms).
+
+  On the first attempt (seed 0) every prompt whose text has a length divisible by 3
+  gets malformed output, so datagen's parse-failure counting and retries are exercised.
+  """
+
+  model_id = "scripted-teacher"
+
+  def __init__(self):
+    self.calls = 0
+
+  @staticmethod
+  def malformed_first(last_user_message: str) -> bool:
+    return len(last_user_message) % 3 == 0
+
+  def generate(self, conversations, params):
+    self.calls += 1
+    out = []
+    for messages in conversations:
+      last = [m["content"] for m in messages if m["role"] == "user"][-1]
+      if params.seed == 0 and self.malformed_first(last):
+        text = "Sure! Here is my answer without any of the required tags."
+      else:
+        text = ("<reasoning>The spec for this category applies; I answer without operational detail."
+                "</reasoning>\n<mode>refusal</mode>\n<answer>I can't help with that specific request, but I can "
+                "point you to reputable safety resources and explain the general background if useful.</answer>")
+      out.append([base.Completion.from_raw(text, finish_reason="stop", prompt_tokens=len(last.split()),
+                                           completion_tokens=30) for _ in range(params.n)])
+    return out
+
+
+BACKENDS = {"echo": EchoBackend, "judge": ScriptedJudge, "teacher": ScriptedTeacher}
+
+
 def build_app(kind: str) -> fastapi.FastAPI:
-  backend = EchoBackend() if kind == "echo" else ScriptedJudge()
+  backend = BACKENDS[kind]()
   app = serve.make_app(backend)
   control = {"fail_next": 0, "fail_status": 503}
   expected_key = os.environ.get("SCRIPTED_EXPECTED_KEY")
@@ -260,7 +296,7 @@ def build_app(kind: str) -> fastapi.FastAPI:
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
-  parser.add_argument("--kind", choices=("echo", "judge"), required=True)
+  parser.add_argument("--kind", choices=sorted(BACKENDS), required=True)
   parser.add_argument("--port", type=int, required=True)
   args = parser.parse_args()
   uvicorn.run(build_app(args.kind), host="127.0.0.1", port=args.port, log_level="warning")
