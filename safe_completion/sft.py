@@ -20,6 +20,7 @@ import optax
 import tqdm
 
 from safe_completion import checkpoint
+from safe_completion import flops
 from safe_completion import metrics as metrics_lib
 from safe_completion import parallel
 from safe_completion.data import sft_data
@@ -165,6 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, _ = checkpoint.restore(ckpt, jax.tree.map(lambda x: x, state))
   start_step = int(state["step"])
   checkpoint.save_model_metadata(workdir, model_config, tokenizer)
+  flops_per_token = flops.train_flops_per_token(model_config, config.data.seq_len)
   writer = metrics_lib.MetricsWriter(workdir, wandb_config=config.wandb, run_config=config.to_dict())
   last = {}
   with parallel.activation_sharding(mesh, rules):
@@ -183,7 +185,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise FloatingPointError(
             f"SFT loss {step_metrics['loss']} / gradient norm {step_metrics['grad_norm']} at step {step}: "
             f"stopping; the last good state (before this step) is saved in {workdir}/checkpoints/{step}")
-      last = {**step_metrics, "tokens_per_second": int((host_batch["segment_ids"] > 0).sum()) / seconds, "step_seconds": seconds}
+      tokens_per_second = int((host_batch["segment_ids"] > 0).sum()) / seconds
+      last = {**step_metrics, "tokens_per_second": tokens_per_second, "step_seconds": seconds,
+              "mfu": flops.mfu(tokens_per_second * flops_per_token, mesh.devices.flatten().tolist())}
       if (step + 1) % config.eval_every == 0 or step + 1 == num_steps:
         last["eval_loss"] = evaluate(eval_fn, state["params"], dataset, mesh)
       if (step + 1) % config.log_every == 0 or step + 1 == num_steps:

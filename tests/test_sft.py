@@ -9,6 +9,7 @@ import pytest
 
 from configs import sft as sft_config
 from safe_completion import checkpoint
+from safe_completion import flops
 from safe_completion import metrics
 from safe_completion import parallel
 from safe_completion import sft
@@ -39,6 +40,7 @@ def test_tiny_sft_lowers_loss_and_writes_checkpoints(tmp_path):
   assert [r["step"] for r in rows] == list(range(1, 9))
   assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
   assert np.isfinite(final["eval_loss"]) and final["tokens_per_second"] > 0
+  assert 0 < final["mfu"] < 1
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
 
 
@@ -86,3 +88,11 @@ def test_gradient_accumulation_sizes_the_schedule_in_optimizer_steps():
   assert float(schedule(7)) == pytest.approx(learning_rate / 2 * 1)  # Micro-step 7 is optimizer step 1.
   assert float(schedule(8)) == pytest.approx(learning_rate)  # Warmup done at optimizer step 2.
   assert float(schedule(39)) == pytest.approx(learning_rate * 1 / 8)  # Optimizer step 9 of a 2..10 decay.
+
+
+def test_matmul_params_count_every_projection_and_the_head():
+  model_config = sft.model_config_from(micro_config())  # Tied embeddings: the table is the head.
+  params = sft.transformer.init_params(model_config, jax.random.key(0))
+  norm_params = sum(x.size for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                    if "norm" in jax.tree_util.keystr(path))
+  assert flops.matmul_params(model_config) == sft.transformer.num_params(params) - norm_params
