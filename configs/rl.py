@@ -25,7 +25,7 @@ from configs import common
 # (llama3_8b / qwen2_7b on v5p-8: ~67 GiB of 95; gemma_2b on v6e-8: ~18 GiB of 32).
 _PRESETS = {
     # name: (model preset, mesh, prompts/step, samples/prompt, minibatches, max new tokens, steps, lr)
-    "tiny": ("tiny", (-1, 1, 1), 8, 4, 1, 48, 20, 1e-4),
+    "tiny": ("tiny", (-1, 1, 1), 8, 4, 1, 48, 30, 3e-3),
     "llama3_8b": ("llama3_8b", (1, -1, 1), 8, 4, 4, 1024, 2000, 1e-6),
     "qwen2_7b": ("qwen2_7b", (1, -1, 1), 8, 4, 4, 1024, 2000, 1e-6),
     "gemma_2b": ("gemma_2b", (1, -1, 1), 4, 4, 2, 1024, 2000, 2e-6),
