@@ -25,6 +25,7 @@ from configs import launch as presets  # noqa: E402  (after the repository root 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Remote paths in $HOME (not ~), so they also expand inside double quotes.
+GCS_MOUNT = "/gcs"
 REMOTE_DIR = "$HOME/safe_completion"
 REMOTE_VENV = "$HOME/sc_venv"
 REMOTE_LOGS = "$HOME/sc_logs"
@@ -138,16 +139,26 @@ def setup_commands(args) -> list[list[str]]:
   return commands
 
 
+def run_path(args) -> str:
+  """BUCKET/RUN/STAGE: where a stage's outputs live in the bucket."""
+  if not args.bucket:
+    raise SystemExit("error: run needs --bucket for the checkpoints and logs")
+  return f"{args.bucket}/{args.run_name or args.name}/{args.stage}"
+
+
 def workdir(args) -> str:
+  """The stage's workdir on every worker: the bucket mounted with gcsfuse at GCS_MOUNT.
+
+  Stages write checkpoints, metrics, tokenizers and reports with ordinary file I/O,
+  so the bucket is used through a mount rather than gs:// URLs.
+  """
   if args.workdir:
     return args.workdir
-  if not args.bucket:
-    raise SystemExit("error: run needs --bucket (or --workdir=gs://...) for the checkpoints and logs")
-  return f"gs://{args.bucket}/{args.run_name or args.name}/{args.stage}"
+  return f"{GCS_MOUNT}/{run_path(args)}"
 
 
 def main_command(args, passthrough: Sequence[str]) -> list[str]:
-  """`python -m safe_completion.main` with the stage config, the gs:// workdir and the overrides."""
+  """`python -m safe_completion.main` with the stage config, the (mounted) workdir and the overrides."""
   if not args.config_preset:
     raise SystemExit(f"error: preset {args.preset!r} is a slice; pass --config_preset (e.g. llama3_8b or tiny)")
   command = ["python", "-m", "safe_completion.main", f"--config=configs/{args.stage}.py:{args.config_preset}",
@@ -159,6 +170,18 @@ def main_command(args, passthrough: Sequence[str]) -> list[str]:
     if args.judge_model:
       command.append(f"--config.grader.endpoint.model={args.judge_model}")
   return command + list(passthrough)
+
+
+def mount_command(bucket: str) -> str:
+  """Mounts the bucket at GCS_MOUNT/BUCKET with gcsfuse, once per boot (installing gcsfuse if absent)."""
+  mount = f"{GCS_MOUNT}/{bucket}"
+  install = ("(command -v gcsfuse >/dev/null || (curl -sf https://packages.cloud.google.com/apt/doc/apt-key.gpg "
+             "| sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && echo \"deb [signed-by=/usr/share/keyrings/"
+             "cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main\" "
+             "| sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && sudo apt-get update -qq "
+             "&& sudo apt-get install -y -qq gcsfuse))")
+  return (f"mountpoint -q {mount} || ({install} && sudo mkdir -p {mount} && sudo chown \"$USER\" {mount} "
+          f"&& gcsfuse --implicit-dirs {shlex.quote(bucket)} {mount})")
 
 
 def run_commands(args, passthrough: Sequence[str]) -> list[list[str]]:
@@ -176,13 +199,14 @@ def run_commands(args, passthrough: Sequence[str]) -> list[list[str]]:
       f"mkdir -p {REMOTE_LOGS}",
       f"if [ -f {pid_file} ]; then kill \"$(cat {pid_file})\" 2>/dev/null && sleep 10; rm -f {pid_file}; fi",
       f"W=$(curl -sf -H Metadata-Flavor:Google {WORKER_ID_URL} || hostname)",
+      mount_command(args.bucket),
       f"cd {REMOTE_DIR}",
       f"SAFE_COMPLETION_DISTRIBUTED=1 PYTHONUNBUFFERED=1 {main} > >(tee -a \"{log}\") 2>&1 & pid=$!",
       f"echo $pid > {pid_file}",
       "status=0",
       "wait $pid || status=$?",
       f"rm -f {pid_file}",
-      f"gcloud storage cp \"{log}\" {shlex.quote(workdir(args) + '/logs/')} || true",
+      f"gcloud storage cp \"{log}\" {shlex.quote(f'gs://{run_path(args)}/logs/')} || true",
       "exit $status"])
   return [ssh(args, script)]
 
@@ -271,9 +295,9 @@ def parser() -> argparse.ArgumentParser:
   ran.add_argument("--stage", default="sft", help="configs/<stage>.py: sft, rl, eval, ...")
   ran.add_argument("--config_preset", default=None, help="configs/<stage>.py preset; default: the model preset")
   ran.add_argument("--mesh", default=None, help="data,fsdp,tensor; default: the preset's")
-  ran.add_argument("--bucket", default=None, help="GCS bucket; workdir gs://BUCKET/RUN_NAME/STAGE")
+  ran.add_argument("--bucket", default=None, help="GCS bucket, mounted with gcsfuse; workdir /gcs/BUCKET/RUN_NAME/STAGE")
   ran.add_argument("--run_name", default=None, help="default: --name")
-  ran.add_argument("--workdir", default=None, help="overrides the gs://BUCKET/... workdir")
+  ran.add_argument("--workdir", default=None, help="overrides the /gcs/BUCKET/... workdir (a path every worker sees)")
   ran.add_argument("--judge_url", default=None, help="OpenAI-compatible judge endpoint: grader.kind=llm_judge")
   ran.add_argument("--judge_model", default=None, help="model name at the judge endpoint")
   ran.add_argument("--log_dir", default="launch_logs", help="local copy of the streamed logs")

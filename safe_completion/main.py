@@ -36,6 +36,9 @@ def main(argv):
   logging.set_verbosity(_VERBOSITY.value)  # Orbax logs every checkpoint step at INFO.
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
+  if _WORKDIR.value.startswith("gs://"):
+    raise app.UsageError(f"--workdir={_WORKDIR.value}: stages write with ordinary file I/O; mount the bucket "
+                         "with gcsfuse (launch/tpu.py does, at /gcs/BUCKET) and pass the mounted path")
   if config.stage not in STAGES:
     raise app.UsageError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
   module_name, function_name = STAGES[config.stage].split(":")

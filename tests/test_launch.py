@@ -43,10 +43,11 @@ def test_slice_preset_commands(capsys, name):
   assert run.startswith("gcloud compute tpus tpu-vm ssh sc ") and "--worker=all" in run
   script = remote_script(run)
   mesh = ",".join(str(s) for s in tpu_slice.mesh)
-  assert (f"python -m safe_completion.main --config=configs/sft.py:llama3_8b --workdir=gs://bkt/sc/sft "
+  assert (f"python -m safe_completion.main --config=configs/sft.py:llama3_8b --workdir=/gcs/bkt/sc/sft "
           f"--config.mesh.shape={mesh}") in script
   assert "SAFE_COMPLETION_DISTRIBUTED=1" in script and "tee -a" in script
   assert "gcloud storage cp" in script and "gs://bkt/sc/sft/logs/" in script
+  assert "mountpoint -q /gcs/bkt ||" in script and "gcsfuse --implicit-dirs bkt /gcs/bkt" in script
   delete, = dry(capsys, "delete", f"--preset={name}", "--name=sc")
   assert delete == f"gcloud compute tpus tpu-vm delete sc --zone={tpu_slice.zone} --quiet"
 
@@ -59,9 +60,9 @@ def test_model_preset_picks_slice_and_mesh(capsys, name):
   assert f"--accelerator-type={tpu_slice.accelerator_type}" in create and f"--zone={tpu_slice.zone}" in create
   run, = dry(capsys, "run", f"--preset={name}", "--name=sc", "--bucket=bkt", "--stage=rl")
   script = remote_script(run)
-  assert f"--config=configs/rl.py:{model.config_preset} --workdir=gs://bkt/sc/rl" in script
+  assert f"--config=configs/rl.py:{model.config_preset} --workdir=/gcs/bkt/sc/rl" in script
   assert f"--config.mesh.shape={','.join(str(s) for s in model.mesh)}" in script
-  assert "--config.init.sft_workdir=gs://bkt/sc/sft" in script
+  assert "--config.init.sft_workdir=/gcs/bkt/sc/sft" in script
 
 
 def test_queued_resource_with_spot_and_best_effort(capsys):
