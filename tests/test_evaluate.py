@@ -1,0 +1,27 @@
+"""The eval stage against an OpenAI-compatible endpoint (the real local server), graded by the reward model."""
+
+import json
+
+from configs import eval as eval_config
+from safe_completion.evaluation import evaluate
+from safe_completion.evaluation import metrics as metrics_lib
+from tests import scripted_server
+
+
+def test_eval_of_an_endpoint_writes_graded_completions_metrics_and_report(tiny_reward_model_dir, tmp_path):
+  port = scripted_server.free_port()
+  with scripted_server.running_server(["tests.scripted_server", "--kind=echo", f"--port={port}"], port) as url:
+    config = eval_config.get_config("endpoint")
+    config.model.endpoint.base_url, config.model.endpoint.model = url, "scripted-echo"
+    config.grader.kind, config.grader.reward_model_dir = "reward_model", tiny_reward_model_dir
+    config.data.max_prompts, config.samples_per_prompt, config.bootstrap_samples = 6, 2, 50
+    config.attacks.names, config.attacks.samples_per_prompt = ("rot13",), 1
+    results = evaluate.run(config, str(tmp_path))
+
+  completions = metrics_lib.read_completions(str(tmp_path / "completions.jsonl"))
+  assert len(completions) == 6 * 2 and {c.sample_index for c in completions} == {0, 1}
+  assert all(c.response.startswith(f"echo {c.sample_index}") and c.grade.grader == "reward_model" for c in completions)
+  assert results["model"] == "scripted-echo" and results["metrics"]["overall"]["n_completions"] == 12
+  assert "rot13" in results["attacks"]
+  report = json.loads((tmp_path / "report" / "report.json").read_text())
+  assert set(report["arms"]) == {"scripted-echo"} and "rot13" in report["attacks"]["scripted-echo"]
