@@ -22,7 +22,6 @@ matmul rate.
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time

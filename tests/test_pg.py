@@ -1,6 +1,5 @@
 """Policy-gradient loss: numpy reference for value and gradient, identities at initialization, masks."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

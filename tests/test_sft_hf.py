@@ -2,7 +2,6 @@
 
 import os
 
-import jax
 import numpy as np
 import torch
 import transformers
