@@ -1,5 +1,7 @@
 """The KV-cache sampler agrees with full uncached forward passes, stops per row, filters and shards."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,3 +204,23 @@ def test_sampling_config_is_hashable_and_validated():
                        (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")):
     with pytest.raises(ValueError, match=message):
       sampling.SamplingConfig(**{"max_new_tokens": 4, **bad})
+
+
+def test_stacked_and_unstacked_cached_decoders_equal_the_uncached_forward(params, prompts):
+  tokens, mask = prompts
+  positions = transformer.positions_from_mask(mask)
+  full = transformer.forward(params, CONFIG, tokens, positions, mask)
+  split = transformer.unstack_params(params, CONFIG)
+  for decoder, variables, unstacked in ((transformer.Decoder(CONFIG), params, False),
+                                        (transformer.Decoder(CONFIG, unstacked=True), split, True),
+                                        (transformer.Decoder(dataclasses.replace(CONFIG, scan_unroll=2)), params, False)):
+    cache = transformer.init_cache(CONFIG, len(tokens), PROMPT_LEN + 1, unstacked=unstacked)
+    # Prefill all but the last prompt token, then feed it as a one-token decode step.
+    head, cache = decoder.apply({"params": variables}, tokens[:, :-1], positions[:, :-1], mask[:, :-1], cache)
+    last, cache = decoder.apply({"params": variables}, tokens[:, -1:], positions[:, -1:], mask[:, -1:], cache)
+    real = mask[..., None].astype(bool)  # Padding queries attend to nothing; their logits are arbitrary.
+    np.testing.assert_allclose(jnp.where(real, jnp.concatenate([head, last], axis=1), 0), jnp.where(real, full, 0),
+                               atol=1e-4)
+    assert int(cache["index"]) == PROMPT_LEN
+    only, _ = decoder.apply({"params": variables}, tokens, positions, mask, last_only=True)
+    np.testing.assert_allclose(only, full[:, -1:], atol=1e-5)

@@ -27,7 +27,7 @@ from safe_completion.models import transformer
 Array = jax.Array
 
 _BATCH_AXES = ("activation_batch", None)
-_CACHE_AXES = (None, "activation_batch", None, None, None)  # [L, B, S, Hkv, D]
+_CACHE_AXES = (None, "activation_batch", None, None, None)  # [L, B, Hkv, S, D]; the sampler keeps one array per layer.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +162,10 @@ def _emit(state: _State, logits: Array, config: SamplingConfig) -> _State:
 
 def _constrain_cache(cache: transformer.Cache) -> transformer.Cache:
   """Keeps the cache split over the batch like the activations (a no-op outside `activation_sharding`)."""
+  layer_axes = {"k": _CACHE_AXES[1:], "v": _CACHE_AXES[1:]}
   return {"index": cache["index"],
           "segment_ids": nn.with_logical_constraint(cache["segment_ids"], _BATCH_AXES),
-          "layers": nn.with_logical_constraint(cache["layers"], {"k": _CACHE_AXES, "v": _CACHE_AXES})}
+          "layers": tuple(nn.with_logical_constraint(layer, layer_axes) for layer in cache["layers"])}
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "sampling_config"))
@@ -187,14 +188,17 @@ def sample(params: dict, model_config: transformer.ModelConfig, prompt_tokens: A
   the batch to run data-parallel; the cache follows the batch sharding.
   """
   config = sampling_config
-  decoder = transformer.Decoder(model_config)
+  # Per-layer weights and caches, split once here: the decode loop then slices nothing out of a stack.
+  decoder = transformer.Decoder(model_config, unstacked=True)
+  params = transformer.unstack_params(params, model_config)
   batch, prompt_len = prompt_tokens.shape
   num_new = config.max_new_tokens
   prompt_mask = prompt_mask.astype(jnp.int32)
   positions = transformer.positions_from_mask(prompt_mask)
   # The last sampled token is never fed back, so P + N - 1 slots suffice.
-  cache = _constrain_cache(transformer.init_cache(model_config, batch, prompt_len + num_new - 1))
-  logits, cache = decoder.apply({"params": params}, prompt_tokens.astype(jnp.int32), positions, prompt_mask, cache)
+  cache = _constrain_cache(transformer.init_cache(model_config, batch, prompt_len + num_new - 1, unstacked=True))
+  logits, cache = decoder.apply({"params": params}, prompt_tokens.astype(jnp.int32), positions, prompt_mask, cache,
+                                last_only=True)
 
   state = _State(
       step=jnp.zeros((), jnp.int32),

@@ -70,6 +70,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  scan_unroll: int = 1  # Layers per iteration of the layer scan; num_layers unrolls it (fast CPU decode).
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -80,6 +81,8 @@ class ModelConfig:
                                   ("rope_type", self.rope_type, ("default", "linear", "llama3"))):
       if value not in choices:
         raise ValueError(f"model.{field}={value!r} is not one of {sorted(choices)}")
+    if self.scan_unroll < 1:
+      raise ValueError(f"model.scan_unroll={self.scan_unroll} must be at least 1")
 
   @property
   def compute_dtype(self):
@@ -191,12 +194,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query attention with RoPE, optional qkv bias, soft-capping and a KV cache."""
+  """Grouped-query attention with RoPE, optional qkv bias, soft-capping and a KV cache.
+
+  With a cache, `kv` holds this layer's keys/values [B, Hkv, S, D] or, when
+  `layer` is given, every layer's [L, B, Hkv, S, D]. The new keys/values are
+  written at `cache_index` in place; the [.., Hkv, S, D] layout lets both
+  einsums contract the cache without transposing it.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index):
+  def __call__(self, x, positions, mask, kv, layer, cache_index):
     cfg = self.config
     batch, length, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
@@ -206,23 +215,41 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(cfg)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    new_cache = None
-    if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-      new_cache = {"k": k, "v": v}
+    kv_axes = "bskd"
+    if kv is not None:
+      new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
+      if layer is None:
+        kv = {n: jax.lax.dynamic_update_slice(kv[n], new[n].astype(kv[n].dtype), (0, 0, cache_index, 0)) for n in kv}
+        k, v = kv["k"], kv["v"]
+      else:
+        start = (layer, 0, 0, cache_index, 0)
+        kv = {n: jax.lax.dynamic_update_slice(kv[n], new[n][None].astype(kv[n].dtype), start) for n in kv}
+        k, v = (jax.lax.dynamic_index_in_dim(kv[n], layer, keepdims=False) for n in "kv")
       k, v = k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype)
+      kv_axes = "bksd"
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+    q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim) * jnp.asarray(scale, q.dtype)
+    # One query per row against a cache (decoding): a multiply-reduce reads the cache once; XLA:CPU runs
+    # the equivalent batched dots, with only `groups` columns each, about 3x slower.
+    one_query = kv is not None and length == 1
+    if one_query:
+      f32 = jnp.float32
+      scores = jnp.sum(q[:, 0, :, :, None, None, :].astype(f32) * k[:, :, None, None].astype(f32), axis=-1)
+    else:
+      scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k).astype(jnp.float32)
     if cfg.attn_logit_softcap is not None:
       scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    if one_query:
+      probs = jax.nn.softmax(scores, axis=-1)
+      out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(f32), axis=-2).transpose(0, 3, 1, 2, 4)
+      out = out.astype(cfg.compute_dtype).reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    else:
+      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+      out = jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v).reshape(batch, length, cfg.num_heads, cfg.head_dim)
     out = Dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract_dims=2, name="o_proj")(out)
-    return out, new_cache
+    return out, kv
 
 
 class Mlp(nn.Module):
@@ -241,16 +268,22 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """One decoder layer; the scanned unit. Returns (x, layer cache) as nn.scan expects."""
+  """One decoder layer; the scanned unit.
+
+  The carry is (x, KV cache or None). Scanned, the cache is every layer's,
+  carried whole with the layer index scanned: XLA then updates it in place,
+  where a scanned input/output cache would be sliced and rebuilt at every call.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, global_mask, local_mask, cache_index, is_sliding, layer_cache):
+  def __call__(self, carry, positions, global_mask, local_mask, cache_index, is_sliding, layer):
     cfg = self.config
+    x, kv = carry
     mask = global_mask if local_mask is None else jnp.where(is_sliding, local_mask, global_mask)
-    attn_out, new_cache = Attention(cfg, name="attn")(
-        RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask, layer_cache, cache_index)
+    attn_out, kv = Attention(cfg, name="attn")(
+        RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask, kv, layer, cache_index)
     if cfg.post_norms:
       attn_out = RMSNorm(cfg, name="post_attn_norm")(attn_out)
     x = x + attn_out
@@ -259,7 +292,7 @@ class Block(nn.Module):
       mlp_out = RMSNorm(cfg, name="post_mlp_norm")(mlp_out)
     x = x + mlp_out
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x, new_cache
+    return (x, kv), None
 
 
 class Decoder(nn.Module):
@@ -267,12 +300,21 @@ class Decoder(nn.Module):
 
   Call as `Decoder(cfg).apply({"params": params}, tokens, positions, segment_ids, cache)`:
   tokens, positions, segment_ids are [B, T] int32; returns (logits f32 [B, T, V], new cache or None).
+  `last_only` computes logits at the last position only ([B, 1, V]), which is
+  all a sampler's prefill needs.
+
+  `unstacked=True` runs the layers as a Python loop over separate submodules
+  `layers_0`, `layers_1`, ... (params from `unstack_params`, cache from
+  `init_cache(..., unstacked=True)`), so no layer's weights or cache are
+  sliced out of a stack: inside a decode loop, XLA would copy them every step.
   """
 
   config: ModelConfig
+  unstacked: bool = False
 
   @nn.compact
-  def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache: Cache | None = None):
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache: Cache | None = None,
+               last_only: bool = False):
     cfg = self.config
     embedding = self.param(
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
@@ -286,13 +328,13 @@ class Decoder(nn.Module):
     if cache is None:
       cache_index = jnp.zeros((), jnp.int32)
       query_slots = key_slots = jnp.arange(length)
-      key_segments, layer_cache = segment_ids, None
+      key_segments, kv = segment_ids, None
     else:
       cache_index = cache["index"]
       key_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache_index))
       query_slots = cache_index + jnp.arange(length)
       key_slots = jnp.arange(key_segments.shape[1])
-      layer_cache = cache["layers"]
+      kv = cache["layers"]
     global_mask = attention_mask(query_slots, key_slots, segment_ids, key_segments)
     local_mask = None
     if cfg.sliding_window is not None:
@@ -301,14 +343,25 @@ class Decoder(nn.Module):
     block = Block
     if _REMAT_POLICIES[cfg.remat_policy] is not None:
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    layers = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
-        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-    is_sliding = jnp.asarray(cfg.sliding_layers())
-    x, new_layer_cache = layers(x, positions, global_mask, local_mask, cache_index, is_sliding, layer_cache)
+    sliding = cfg.sliding_layers()
+    if self.unstacked:
+      new_kv = []
+      for i in range(cfg.num_layers):
+        (x, layer_kv), _ = block(cfg, name=f"layers_{i}")(
+            (x, None if kv is None else kv[i]), positions, global_mask, local_mask, cache_index, sliding[i], None)
+        new_kv.append(layer_kv)
+      kv = None if kv is None else tuple(new_kv)
+    else:
+      layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=cfg.num_layers,
+          unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+      layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+      (x, kv), _ = layers((x, kv), positions, global_mask, local_mask, cache_index, jnp.asarray(sliding), layer_ids)
 
     x = RMSNorm(cfg, name="final_norm")(x)
+    if last_only:
+      x = x[:, -1:]
     if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
     else:
@@ -319,19 +372,30 @@ class Decoder(nn.Module):
       logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     new_cache = None
     if cache is not None:
-      new_cache = {"index": cache_index + length, "segment_ids": key_segments, "layers": new_layer_cache}
+      new_cache = {"index": cache_index + length, "segment_ids": key_segments, "layers": kv}
     return logits, new_cache
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
-  """An empty KV cache: per-layer keys/values [L, B, S, Hkv, D], key segment ids, write index."""
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None, unstacked: bool = False) -> Cache:
+  """An empty KV cache: keys/values, key segment ids [B, S] and the write index.
+
+  Keys/values are [L, B, Hkv, S, D] arrays, or with `unstacked` a tuple of
+  per-layer [B, Hkv, S, D] ones (for `Decoder(config, unstacked=True)`).
+  """
   dtype = dtype or config.compute_dtype
-  return {
-      "index": jnp.zeros((), jnp.int32),
-      "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
-      "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
-  }
+  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+  if unstacked:
+    layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
+  else:
+    layers = {"k": jnp.zeros((config.num_layers, *shape), dtype), "v": jnp.zeros((config.num_layers, *shape), dtype)}
+  return {"index": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+          "layers": layers}
+
+
+def unstack_params(params: dict, config: ModelConfig) -> dict:
+  """Params for `Decoder(config, unstacked=True)`: the stacked `layers` split into `layers_0`, `layers_1`, ..."""
+  split = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(config.num_layers)}
+  return {**{name: value for name, value in params.items() if name != "layers"}, **split}
 
 
 def _dummy_inputs(batch_size: int = 1, length: int = 1):
