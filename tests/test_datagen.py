@@ -3,10 +3,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,6 +18,7 @@ from safe_completion.backends import base as backends_base
 from safe_completion.backends import http
 from safe_completion.data import records
 from safe_completion.graders import reward_model
+from tests import processes
 from tests import scripted_server
 
 GOOD = "<reasoning>\nThe spec allows a high-level answer.\n</reasoning>\n<mode>safe_completion</mode>\n<answer>\nHere is an overview.\n</answer>"
@@ -129,17 +128,8 @@ def _datagen_command(workdir, reward_model_dir):
 def test_kill_and_resume_gives_the_same_record_set(tiny_reward_model_dir, tmp_path):
   reference, resumed = tmp_path / "reference", tmp_path / "resumed"
   subprocess.run(_datagen_command(reference, tiny_reward_model_dir), check=True, capture_output=True, timeout=600)
-  process = subprocess.Popen(_datagen_command(resumed, tiny_reward_model_dir), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  shard = resumed / "safe_completion" / "records-00000.jsonl"
-  deadline = time.monotonic() + 300
-  while process.poll() is None and time.monotonic() < deadline:
-    if shard.exists() and shard.read_text().count("\n") >= 6:
-      break
-    time.sleep(0.05)
-  assert process.poll() is None, "datagen finished before it could be killed"
-  os.kill(process.pid, signal.SIGKILL)
-  process.wait()
+  processes.kill_when(_datagen_command(resumed, tiny_reward_model_dir),
+                      resumed / "safe_completion" / "records-00000.jsonl", lines=6)
   subprocess.run(_datagen_command(resumed, tiny_reward_model_dir), check=True, capture_output=True, timeout=600)
   expected, actual = _records(reference / "safe_completion"), _records(resumed / "safe_completion")
   assert len({r["id"] for r in actual}) == len(actual)  # No duplicates.

@@ -2,10 +2,8 @@
 
 import functools
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -18,6 +16,7 @@ from safe_completion import sft
 from safe_completion.models import transformer
 from safe_completion.rl import loop
 from safe_completion.rl import pg
+from tests import processes
 
 KEYWORD_FLAGS = {"grader.kind": "keyword", "grader.keyword": "the", "optimizer.learning_rate": 1e-2,
                  "rl.max_new_tokens": 24, "checkpoint.async_save": False}
@@ -26,12 +25,7 @@ KEYWORD_FLAGS = {"grader.kind": "keyword", "grader.keyword": "the", "optimizer.l
 def micro_rl_config(sft_workdir, **overrides):
   config = rl_config.get_config("tiny")
   config.init.sft_workdir = sft_workdir
-  for key, value in {**KEYWORD_FLAGS, **overrides}.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
+  config.update_from_flattened_dict({**KEYWORD_FLAGS, **overrides})
   return config
 
 
@@ -87,16 +81,7 @@ def _command(workdir, sft_workdir):
 def test_sigkill_and_restart_matches_uninterrupted_run(tiny_sft_workdir, tmp_path):
   reference, resumed = tmp_path / "reference", tmp_path / "resumed"
   subprocess.run(_command(reference, tiny_sft_workdir), check=True, capture_output=True, timeout=300)
-  process = subprocess.Popen(_command(resumed, tiny_sft_workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 240
-  metrics_path = resumed / "metrics.jsonl"
-  while process.poll() is None and time.monotonic() < deadline:
-    if metrics_path.exists() and metrics_path.read_text().count("\n") >= 3:
-      break
-    time.sleep(0.05)
-  assert process.poll() is None, "the run finished before it could be killed"
-  os.kill(process.pid, signal.SIGKILL)
-  process.wait()
+  processes.kill_when(_command(resumed, tiny_sft_workdir), resumed / "metrics.jsonl", lines=3)
   subprocess.run(_command(resumed, tiny_sft_workdir), check=True, capture_output=True, timeout=300)
   expected, _, _ = checkpoint.load_model(str(reference))
   actual, _, _ = checkpoint.load_model(str(resumed))

@@ -25,12 +25,7 @@ def micro_config(num_steps=8, **overrides):
   config.checkpoint.every_steps = 4
   config.checkpoint.async_save = False
   config.eval_every = 4
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

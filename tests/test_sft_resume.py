@@ -1,16 +1,15 @@
 """A SFT run killed with SIGKILL and restarted ends with the same params as an uninterrupted run."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 
 from safe_completion import checkpoint
 from safe_completion import sft
+from tests import processes
 from tests.test_sft import micro_config
 
 NUM_STEPS = 10
@@ -33,27 +32,12 @@ def _final_params(workdir):
   return checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract, NUM_STEPS)
 
 
-def _metrics_steps(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    return sum(1 for line in f if line.endswith("\n"))
-
-
 def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
   reference, resumed = tmp_path / "reference", tmp_path / "resumed"
   _run(reference)
 
-  process = subprocess.Popen(_command(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 240
-  while _metrics_steps(resumed) < 5 and process.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.05)
-  assert process.poll() is None, "the run finished before it could be killed; make it longer"
-  os.kill(process.pid, signal.SIGKILL)
-  process.wait()
-  killed_at = _metrics_steps(resumed)
-  assert killed_at < NUM_STEPS
+  processes.kill_when(_command(resumed), resumed / "metrics.jsonl", lines=5)
+  assert processes.complete_lines(resumed / "metrics.jsonl") < NUM_STEPS
   _run(resumed)
 
   expected, actual = _final_params(reference), _final_params(resumed)
