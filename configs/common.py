@@ -10,6 +10,11 @@ MODELS = {
     # benchmarks/ and issue targets: d=512, 8 layers.
     "small": dict(vocab_size=4096, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
                   mlp_dim=1536, max_seq_len=1024, tie_embeddings=True),
+    # Llama-3.2-1B: the 1B-class config of benchmarks/mfu.py.
+    "llama3_1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                      head_dim=64, mlp_dim=8192, norm_eps=1e-5, rope_theta=500000.0, rope_type="llama3",
+                      rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                      rope_original_max_position=8192, max_seq_len=8192, tie_embeddings=True),
     "llama3_8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                       head_dim=128, mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, rope_type="llama3",
                       rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
