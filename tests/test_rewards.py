@@ -214,6 +214,15 @@ def test_excluded_constant_or_single_member_groups_give_zeros_not_nan(estimator)
   np.testing.assert_array_equal(advantages, 0.0)
 
 
+@pytest.mark.parametrize("estimator", sorted(rewards.ADVANTAGE_ESTIMATORS))
+def test_constant_groups_give_exact_zeros_despite_rounding(estimator):
+  # The f32 mean of three 0.9s misses 0.9 by an ulp; GRPO's std division once turned that into 0.056.
+  values = np.float32([0.9, 0.1, 0.7, 0.3, 1 / 3, 0.55])
+  group = jnp.asarray(np.repeat(values[:, None], 3, axis=1))
+  advantages = rewards.group_advantages(group, jnp.ones(group.shape, bool), estimator)
+  np.testing.assert_array_equal(np.asarray(advantages), 0.0)
+
+
 def test_zero_variance_fraction_counts_groups_without_signal():
   group = jnp.array([[1.0, 1.0, 5.0], [0.0, 1.0, 1.0], [2.0, 2.0, 2.0], [3.0, 4.0, 5.0]])
   include = jnp.array([[True, True, False], [True, True, True], [True, True, True], [True, False, False]])

@@ -191,15 +191,25 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array, float], jax.Arra
 }
 
 
+def _flat_groups(rewards: jax.Array, include: jax.Array) -> jax.Array:
+  """bool[G]: groups whose included rewards are all equal, or that have fewer than two included members."""
+  highest = jnp.max(jnp.where(include, rewards, -jnp.inf), axis=-1)
+  lowest = jnp.min(jnp.where(include, rewards, jnp.inf), axis=-1)
+  return (jnp.sum(include, axis=-1) < 2) | (highest == lowest)
+
+
 @functools.partial(jax.jit, static_argnames="estimator")
 def group_advantages(rewards: jax.Array, include: jax.Array, estimator: str, eps: float = 1e-6) -> jax.Array:
   """Group-relative advantages f32[G, K] for K samples of each of G prompts.
 
-  Excluded members get advantage 0 and do not enter the group statistics; a
-  group with no included member (or only one, for rloo) gives zeros.
+  Excluded members get advantage 0 and do not enter the group statistics. A
+  group without spread (all included rewards equal, or fewer than two
+  included) gets exactly 0: its float mean can miss the common value by an
+  ulp, which GRPO's std division would blow up (three rewards of 0.9 gave 0.056 each).
   """
   advantage_fn = _choose(ADVANTAGE_ESTIMATORS, estimator, "advantage estimator")
-  return advantage_fn(rewards.astype(jnp.float32), include.astype(jnp.bool_), eps)
+  rewards, include = rewards.astype(jnp.float32), include.astype(jnp.bool_)
+  return jnp.where(_flat_groups(rewards, include)[:, None], 0.0, advantage_fn(rewards, include, eps))
 
 
 @jax.jit
@@ -208,8 +218,4 @@ def zero_variance_fraction(rewards: jax.Array, include: jax.Array) -> jax.Array:
 
   Groups with fewer than two included members count as zero-variance too.
   """
-  include = include.astype(jnp.bool_)
-  highest = jnp.max(jnp.where(include, rewards, -jnp.inf), axis=-1)
-  lowest = jnp.min(jnp.where(include, rewards, jnp.inf), axis=-1)
-  flat = (jnp.sum(include, axis=-1) < 2) | (highest == lowest)
-  return jnp.mean(flat.astype(jnp.float32))
+  return jnp.mean(_flat_groups(rewards, include.astype(jnp.bool_)).astype(jnp.float32))
