@@ -1,9 +1,11 @@
 """Policy-gradient loss: numpy reference for value and gradient, identities at initialization, masks."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from safe_completion.models import transformer
@@ -90,6 +92,34 @@ def test_at_initialization_kl_is_zero_ratio_one_and_nothing_clips():
   assert float(metrics["kl"]) == 0.0
   assert float(metrics["ratio_mean"]) == pytest.approx(1.0)
   assert float(metrics["clip_fraction"]) == 0.0
+
+
+def test_update_without_reward_signal_is_skipped_and_one_with_signal_is_not():
+  config = transformer.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   head_dim=8, mlp_dim=64)
+  params = transformer.init_params(config, jax.random.key(0))
+  optimizer = optax.adam(1e-2)
+  state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+           "rng": jax.random.key(1)}
+  tokens = jax.random.randint(jax.random.key(2), (4, 9), 1, 64)
+  batch = {"tokens": tokens, "positions": jnp.broadcast_to(jnp.arange(9), (4, 9)),
+           "segment_ids": jnp.ones((4, 9), jnp.int32),
+           "completion_mask": pg.completion_mask_from_lengths(4, 9, jnp.array([5, 3, 5, 2])).astype(jnp.float32)}
+  logp = pg.rollout_logprobs(params, batch, model_config=config, temperature=1.0)
+  # Policy = reference up to rounding, as at the first RL step: the KL gradient is noise.
+  ref = logp + 1e-6 * jax.random.normal(jax.random.key(3), logp.shape)
+  batch.update(old_logprobs=logp, ref_logprobs=ref)
+  update = jax.jit(functools.partial(pg.update_step, model_config=config, optimizer=optimizer, config=pg.PgConfig()))
+
+  kept, metrics = update(state, {**batch, "advantages": jnp.zeros(4)})
+  assert float(metrics["update_skipped"]) == 1.0
+  assert 0 < float(metrics["grad_norm"]) < 1e-4  # A noise gradient Adam would have scaled to a 1e-2 step.
+  for name in ("params", "opt_state", "step"):
+    jax.tree.map(np.testing.assert_array_equal, kept[name], state[name])
+
+  moved, metrics = update(state, {**batch, "advantages": jnp.array([0.0, 0.0, 0.5, 0.0])})
+  assert float(metrics["update_skipped"]) == 0.0 and int(moved["step"]) == 1
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), moved["params"], params))) > 1e-3
 
 
 def test_k1_reward_penalty_subtracts_summed_log_ratio():

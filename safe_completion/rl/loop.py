@@ -188,11 +188,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       gap = np.abs(host_old[:, -width:] - sampler_logprobs) * mask[:, -width:]
       batch.update(old_logprobs=host_old, ref_logprobs=host_ref, advantages=np.asarray(advantages).reshape(-1))
       order = np.random.default_rng([config.seed, step]).permutation(group * k)
+      skipped = []
       for _ in range(rl.epochs):
         for chunk in np.array_split(order, rl.minibatches):
           minibatch = {name: value[np.sort(chunk)] for name, value in batch.items()}
           state, update_metrics = update_fn(state, parallel.shard_batch(minibatch, mesh))
-      update_metrics = parallel.to_host(update_metrics)
+          skipped.append(update_metrics["update_skipped"])
+      update_metrics = {**parallel.to_host(update_metrics), "update_skipped": np.mean(parallel.to_host(skipped))}
       timings["time/update"] = time.perf_counter() - started
 
       last = {**rollout_metrics(step_prompts, grades, np.asarray(rewards), lengths, np.asarray(aux["include"]), k),

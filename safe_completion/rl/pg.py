@@ -136,6 +136,12 @@ def update_step(state: dict, batch: dict, *, model_config: transformer.ModelConf
   `batch` carries tokens, positions, segment_ids, completion_mask, advantages,
   and the old-policy and reference log-probs, both computed once per rollout
   by `rollout_logprobs` (so sampler and trainer numerics never mix).
+
+  A minibatch whose advantages are all zero carries no reward signal: its
+  gradient is the KL term alone, which while the policy still equals the
+  reference is rounding noise (~1e-9) that Adam would scale into a full
+  learning-rate step. Such a step is skipped (state unchanged,
+  `update_skipped` = 1), as is one with a non-finite loss or gradient.
   """
 
   def loss_fn(params):
@@ -149,10 +155,12 @@ def update_step(state: dict, batch: dict, *, model_config: transformer.ModelConf
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  has_signal = jnp.any((batch["advantages"] != 0) & jnp.any(batch["completion_mask"] > 0, axis=1))
   new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                "step": state["step"] + 1, "rng": state["rng"]}
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-  return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite & has_signal, new, old), new_state, state)
+  return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm,
+                     "update_skipped": 1.0 - has_signal.astype(jnp.float32)}
 
 
 def kl_penalized_rewards(rewards: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array,
