@@ -15,6 +15,10 @@ Defaults, and why:
   itself in the loss gives a biased gradient (see rl/pg.py).
 - aggregation="seq_mean_token_sum_norm" (Dr. GRPO's constant normalizer): no length bias.
 - temperature=1.0 and no top-k/top-p in rollouts, so sampler and trainer log-probs agree.
+- Groups whose rewards are all equal get exactly zero advantage, and an update whose minibatch has
+  no nonzero advantage is skipped (`update_skipped` in the metrics): its gradient would be the KL
+  term alone, rounding noise while the policy equals the reference, which Adam scales to lr-sized
+  steps. `zero_variance_groups` says how often groups carry no signal.
 """
 
 import ml_collections as mlc
