@@ -6,6 +6,7 @@ function `(config, workdir)` that a colab can call directly.
 
 import importlib
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -18,6 +19,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+_JAX_CACHE_DIR = flags.DEFINE_string(
+    "jax_cache_dir", None, "Persistent compilation cache (a local or bucket-mounted directory): reruns, restarts "
+    "after preemption and the experiment's second arm load compiled programs instead of recompiling.")
 _VERBOSITY = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"], "absl log level.")
 
 # stage name -> "module:function(config, workdir)".
@@ -34,6 +38,8 @@ STAGES = {
 def main(argv):
   del argv
   logging.set_verbosity(_VERBOSITY.value)  # Orbax logs every checkpoint step at INFO.
+  if _JAX_CACHE_DIR.value:
+    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE_DIR.value)
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   if _WORKDIR.value.startswith("gs://"):

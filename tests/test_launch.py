@@ -44,7 +44,7 @@ def test_slice_preset_commands(capsys, name):
   script = remote_script(run)
   mesh = ",".join(str(s) for s in tpu_slice.mesh)
   assert (f"python -m safe_completion.main --config=configs/sft.py:llama3_8b --workdir=/gcs/bkt/sc/sft "
-          f"--config.mesh.shape={mesh}") in script
+          f"--config.mesh.shape={mesh} --jax_cache_dir=/gcs/bkt/sc/jax_cache") in script
   assert "SAFE_COMPLETION_DISTRIBUTED=1" in script and "tee -a" in script
   assert "gcloud storage cp" in script and "gs://bkt/sc/sft/logs/" in script
   assert "mountpoint -q /gcs/bkt ||" in script and "gcsfuse --implicit-dirs bkt /gcs/bkt" in script

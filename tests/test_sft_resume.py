@@ -1,4 +1,8 @@
-"""A SFT run killed with SIGKILL and restarted ends with the same params as an uninterrupted run."""
+"""A SFT run killed with SIGKILL and restarted ends with the same params as an uninterrupted run.
+
+All runs share one persistent compilation cache (`--jax_cache_dir`), as restarts on a pod do, so the
+restarted run also checks that cached executables compute the same params.
+"""
 
 import os
 import subprocess
@@ -18,7 +22,8 @@ FLAGS = [f"--config.num_steps={NUM_STEPS}", "--config.batch_size=8", "--config.d
 
 
 def _command(workdir):
-  return [sys.executable, "-m", "safe_completion.main", "--config=configs/sft.py:tiny", f"--workdir={workdir}", *FLAGS]
+  return [sys.executable, "-m", "safe_completion.main", "--config=configs/sft.py:tiny", f"--workdir={workdir}", *FLAGS,
+          f"--jax_cache_dir={workdir.parent / 'jax_cache'}"]
 
 
 def _run(workdir):
@@ -35,6 +40,7 @@ def _final_params(workdir):
 def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
   reference, resumed = tmp_path / "reference", tmp_path / "resumed"
   _run(reference)
+  assert any((tmp_path / "jax_cache").iterdir()), "the first run wrote nothing to the compilation cache"
 
   processes.kill_when(_command(resumed), resumed / "metrics.jsonl", lines=5)
   assert processes.complete_lines(resumed / "metrics.jsonl") < NUM_STEPS
