@@ -20,8 +20,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 _JAX_CACHE_DIR = flags.DEFINE_string(
-    "jax_cache_dir", None, "Persistent compilation cache (a local or bucket-mounted directory): reruns, restarts "
-    "after preemption and the experiment's second arm load compiled programs instead of recompiling.")
+    "jax_cache_dir", None, "Persistent compilation cache (a local or bucket-mounted directory): reruns and "
+    "restarts after preemption load compiled programs instead of recompiling.")
 _VERBOSITY = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"], "absl log level.")
 
 # stage name -> "module:function(config, workdir)".
