@@ -22,10 +22,13 @@ TOKENIZER_DIR = "tokenizer"
 
 def manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
             async_save: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last `max_to_keep` steps; async saves by default."""
+  """A CheckpointManager keeping the last `max_to_keep` steps; async saves by default.
+
+  A relative `directory` is taken from the working directory (orbax refuses relative paths).
+  """
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                          enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict | None = None, *,
