@@ -88,10 +88,10 @@ def measured_matmul_flops(shapes: list[tuple[int, int, int]], dtype: str) -> flo
   is what this device reaches on the model's own largest matmul.
   """
   best_rate = 0.0
+  matmul = jax.jit(jnp.matmul)
   for m, k, n in shapes:
     a = jax.device_put(jnp.ones((m, k), dtype) / k, jax.devices()[0])
     b = jax.device_put(jnp.ones((k, n), dtype), jax.devices()[0])
-    matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     for _ in range(5):
       started = time.perf_counter()
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   shapes = [(args.matmul,) * 3, (args.batch * args.seq // len(devices) or 1, model_config.hidden_size,
                                  model_config.mlp_dim)]
   measured = measured_matmul_flops(shapes, args.dtype) * (1 if devices[0].platform == "cpu" else len(devices))
-  peaks = {"measured": measured, **({"vendor": vendor_peak(devices)} if vendor_peak(devices) else {})}
+  vendor = vendor_peak(devices)
+  peaks = {"measured": measured, **({"vendor": vendor} if vendor else {})}
   header = {"model": args.model, "matmul_params": flops.matmul_params(model_config), "devices": len(devices),
             "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "dtype": args.dtype,
             "param_dtype": args.param_dtype, "remat": args.remat, "batch": args.batch, "seq": args.seq,

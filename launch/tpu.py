@@ -161,10 +161,11 @@ def main_command(args, passthrough: Sequence[str]) -> list[str]:
   """`python -m safe_completion.main` with the stage config, the (mounted) workdir and the overrides."""
   if not args.config_preset:
     raise SystemExit(f"error: preset {args.preset!r} is a slice; pass --config_preset (e.g. llama3_8b or tiny)")
-  run_root = workdir(args).rsplit("/", 1)[0]
+  stage_dir = workdir(args)
+  run_root = stage_dir.rsplit("/", 1)[0]
   # One compilation cache per run, shared by its stages and workers: a restart skips recompiling.
   command = ["python", "-m", "safe_completion.main", f"--config=configs/{args.stage}.py:{args.config_preset}",
-             f"--workdir={workdir(args)}", f"--config.mesh.shape={args.mesh}", f"--jax_cache_dir={run_root}/jax_cache"]
+             f"--workdir={stage_dir}", f"--config.mesh.shape={args.mesh}", f"--jax_cache_dir={run_root}/jax_cache"]
   if args.stage == "rl" and not any(arg.startswith("--config.init.sft_workdir=") for arg in passthrough):
     command.append(f"--config.init.sft_workdir={run_root}/sft")
   if args.judge_url:

@@ -18,6 +18,15 @@ OLD = (LOGP + RNG.normal(0, 0.3, (B, T))).astype(np.float32)
 REF = (LOGP + RNG.normal(0, 0.2, (B, T))).astype(np.float32)
 ADV = np.array([1.0, -0.5, 0.7], np.float32)
 MASK = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]], np.float32)
+TINY_MODEL = transformer.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                     head_dim=8, mlp_dim=64)
+
+
+def _token_batch(key: jax.Array) -> dict:
+  """Four random 9-token rows of TINY_MODEL's vocabulary, unpadded."""
+  tokens = jax.random.randint(key, (4, 9), 1, TINY_MODEL.vocab_size)
+  return {"tokens": tokens, "positions": jnp.broadcast_to(jnp.arange(9), (4, 9)),
+          "segment_ids": jnp.ones((4, 9), jnp.int32)}
 
 
 def numpy_loss_and_grad(config: pg.PgConfig):
@@ -81,11 +90,9 @@ def test_pad_equal_to_eos_keeps_the_eos_token():
 
 
 def test_at_initialization_kl_is_zero_ratio_one_and_nothing_clips():
-  config = transformer.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                   head_dim=8, mlp_dim=64)
+  config = TINY_MODEL
   params = transformer.init_params(config, jax.random.key(0))
-  tokens = jax.random.randint(jax.random.key(1), (4, 9), 1, 64)
-  batch = {"tokens": tokens, "positions": jnp.broadcast_to(jnp.arange(9), (4, 9)), "segment_ids": jnp.ones((4, 9), jnp.int32)}
+  batch = _token_batch(jax.random.key(1))
   logp = pg.rollout_logprobs(params, batch, model_config=config, temperature=1.0)
   mask = pg.completion_mask_from_lengths(4, 9, jnp.array([5, 3, 5, 1]))
   _, metrics = pg.policy_loss(logp, logp, logp, jnp.array([1.0, -1.0, 0.5, 0.0]), mask, pg.PgConfig())
@@ -95,15 +102,12 @@ def test_at_initialization_kl_is_zero_ratio_one_and_nothing_clips():
 
 
 def test_update_without_reward_signal_is_skipped_and_one_with_signal_is_not():
-  config = transformer.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                   head_dim=8, mlp_dim=64)
+  config = TINY_MODEL
   params = transformer.init_params(config, jax.random.key(0))
   optimizer = optax.adam(1e-2)
   state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
            "rng": jax.random.key(1)}
-  tokens = jax.random.randint(jax.random.key(2), (4, 9), 1, 64)
-  batch = {"tokens": tokens, "positions": jnp.broadcast_to(jnp.arange(9), (4, 9)),
-           "segment_ids": jnp.ones((4, 9), jnp.int32),
+  batch = {**_token_batch(jax.random.key(2)),
            "completion_mask": pg.completion_mask_from_lengths(4, 9, jnp.array([5, 3, 5, 2])).astype(jnp.float32)}
   logp = pg.rollout_logprobs(params, batch, model_config=config, temperature=1.0)
   # Policy = reference up to rounding, as at the first RL step: the KL gradient is noise.
