@@ -6,11 +6,13 @@
 deterministic stand-in for a naive LLM judge (see `ScriptedJudge`); `teacher` writes
 datagen teacher output (see `ScriptedTeacher`). Test-only
 routes: `GET /stats` (requests seen, most in flight at once), `POST /control` (fail the next k chat requests with a status; hold
-requests until k are in flight). With SCRIPTED_EXPECTED_KEY set in the
+requests until k are in flight), `POST /faults` (answer the next k chat requests
+with a malformed 200 or a misbehaving body: see `FAULTS`). With SCRIPTED_EXPECTED_KEY set in the
 environment, chat requests without that bearer key get 401.
 """
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -254,6 +256,53 @@ class ScriptedTeacher:
     return out
 
 
+async def _slow_drip():
+  """A valid-looking JSON body, one byte every 0.2 s (about 40 s in all): only a total deadline stops it."""
+  for byte in b'{"choices": [' + b" " * 200:
+    yield bytes([byte])
+    await asyncio.sleep(0.2)
+
+
+def _fault_response(kind: str, request: fastapi.Request) -> responses.Response:
+  """What `POST /faults` makes the next chat requests get instead of a completion."""
+  if kind == "html":
+    return responses.HTMLResponse("<html><body><h1>502 Bad Gateway</h1>nginx</body></html>", status_code=200)
+  if kind == "not_json":
+    return responses.Response('{"choices": [{"index": 0, "mess', status_code=200, media_type="application/json")
+  if kind == "no_choices":
+    return responses.JSONResponse({"id": "x", "object": "chat.completion"}, status_code=200)
+  if kind == "bad_choice":
+    return responses.JSONResponse({"choices": [{"index": 0, "message": "plain string"}]}, status_code=200)
+  if kind == "slow_drip":
+    return responses.StreamingResponse(_slow_drip(), status_code=200, media_type="application/json")
+  if kind in ("echo_headers_400", "echo_headers_500"):  # A careless proxy that echoes the request headers.
+    return responses.JSONResponse(serve.error_body(f"bad request; headers were {dict(request.headers)}"),
+                                  status_code=int(kind[-3:]))
+  raise ValueError(f"unknown fault {kind!r}; known: {FAULTS}")
+
+
+FAULTS = ("html", "not_json", "no_choices", "bad_choice", "slow_drip", "echo_headers_400", "echo_headers_500")
+
+
+def _add_fault_routes(app: fastapi.FastAPI) -> None:
+  """`POST /faults {"kind": one of FAULTS, "count": k}`: the next k chat requests get that fault."""
+  faults = {"kind": None, "count": 0}
+
+  @app.middleware("http")
+  async def scripted_faults(request: fastapi.Request, call_next):
+    if request.url.path == "/v1/chat/completions" and faults["count"] > 0:
+      faults["count"] -= 1
+      return _fault_response(faults["kind"], request)
+    return await call_next(request)
+
+  @app.post("/faults")
+  async def set_faults(body: dict):
+    if body.get("kind") not in FAULTS:
+      raise fastapi.HTTPException(400, f"unknown fault {body.get('kind')!r}; known: {FAULTS}")
+    faults.update(kind=body["kind"], count=int(body.get("count", 1)))
+    return {"ok": True}
+
+
 BACKENDS = {"echo": EchoBackend, "judge": ScriptedJudge, "teacher": ScriptedTeacher}
 
 
@@ -291,6 +340,7 @@ def build_app(kind: str) -> fastapi.FastAPI:
         backend.max_in_flight = 0
     return {"ok": True}
 
+  _add_fault_routes(app)
   return app
 
 
