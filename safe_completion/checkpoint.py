@@ -93,5 +93,6 @@ def load_model(workdir: str, param_shardings: Any = None, **config_overrides) ->
   if param_shardings is not None:
     shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_shardings)
   params = restore_params(os.path.join(workdir, "checkpoints"), shapes)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(workdir, TOKENIZER_DIR),
+                                                        trust_remote_code=False)
   return params, model_config, tokenizer

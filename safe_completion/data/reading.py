@@ -139,28 +139,67 @@ def resolve_paths(paths: Paths) -> list[Path]:
   return files
 
 
+class _DuplicateKey(ValueError):
+  pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  row = {}
+  for key, value in pairs:
+    if key in row:
+      raise _DuplicateKey(key)
+    row[key] = value
+  return row
+
+
+def _no_constant(name: str) -> Any:
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text: str | bytes, field: str = "json") -> Any:
+  """Strict JSON: no duplicate keys, no NaN/Infinity; any failure (bad bytes, too deep, a 5000-digit int) is a
+  FieldError on `field`."""
+  if isinstance(text, bytes):
+    try:
+      text = text.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise FieldError("encoding", f"not UTF-8: byte 0x{text[e.start]:02x} at column {e.start + 1}",
+                       "not UTF-8") from None
+  try:
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+  except _DuplicateKey as e:
+    raise FieldError(str(e), "duplicate key in one JSON object", "duplicate key") from None
+  except json.JSONDecodeError as e:
+    raise FieldError(field, f"invalid JSON: {e.msg} (column {e.colno})", "invalid JSON") from None
+  except RecursionError:
+    raise FieldError(field, "invalid JSON: nested too deeply", "invalid JSON") from None
+  except ValueError as e:  # NaN/Infinity, or an integer past Python's digit limit.
+    raise FieldError(field, f"invalid JSON: {e}", "invalid JSON") from None
+
+
 def iter_rows(path: Path, json_fields: Sequence[str] = ()) -> Iterator[tuple[int, Any]]:
   """Yields (line, row) for each record; row is a FieldError for a line that is not one.
 
-  JSONL lines are numbered as in the file (blank lines skipped); rows read
-  through `datasets` are numbered from 1 in file order.
+  JSONL lines are numbered as in the file (blank lines skipped) and decoded one
+  by one, so one line of bad bytes is one invalid row; rows read through
+  `datasets` are numbered from 1 in file order.
   """
   if path.suffix == ".jsonl":
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
       for line_number, line in enumerate(f, start=1):
         if not line.strip():
           continue
         try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          yield line_number, FieldError("json", f"invalid JSON: {e.msg} (column {e.colno})",
-                                        "invalid JSON")
-          continue
+          row = parse_json(line)
+        except FieldError as e:
+          row = e
         yield line_number, row
     return
   import datasets  # Heavy; imported only for non-JSONL inputs.
-  table = datasets.load_dataset(DATASETS_BUILDERS[path.suffix], data_files=str(path),
-                                split="train")
+  try:
+    table = datasets.load_dataset(DATASETS_BUILDERS[path.suffix], data_files=str(path), split="train")
+  except Exception as e:  # pylint: disable=broad-except  # Any reader failure is a malformed file.
+    raise DataError(f"{path}: cannot be read as {DATASETS_BUILDERS[path.suffix]}: {type(e).__name__}: {e}") from None
   for row_number, row in enumerate(table, start=1):
     yield row_number, _decode_json_cells(row, json_fields)
 
@@ -171,9 +210,9 @@ def _decode_json_cells(row: dict[str, Any], json_fields: Sequence[str]) -> Any:
   for field in json_fields:
     if isinstance(row.get(field), str):
       try:
-        row[field] = json.loads(row[field])
-      except json.JSONDecodeError as e:
-        return FieldError(field, f"cell is not valid JSON: {e.msg}", "invalid JSON")
+        row[field] = parse_json(row[field], field)
+      except FieldError as e:
+        return e
   return row
 
 

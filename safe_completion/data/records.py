@@ -159,7 +159,7 @@ def parse_grade(row: dict[str, Any]) -> GradeRecord:
                 intent=reading.choice_field(row, "intent", taxonomy.INTENTS))
   match = _parse_prompt_id(row, "prompt_id")
   _check_id_matches(match, "prompt_id", labels)
-  return GradeRecord(
+  grade = GradeRecord(
       id=reading.str_field(row, "id"),
       prompt_id=match[0],
       split=reading.choice_field(row, "split", taxonomy.SPLITS),
@@ -172,6 +172,14 @@ def parse_grade(row: dict[str, Any]) -> GradeRecord:
       label=reading.choice_field(row, "label", GRADE_LABELS),
       source=reading.str_field(row, "source"),
       **labels)
+  # Fields that contradict each other: a fully safe response has no harm, a harmful one has some.
+  if grade.safety == 1.0 and grade.severity in ("moderate", "high"):
+    raise FieldError("severity", f"{grade.severity!r} contradicts safety 1.0", "contradiction")
+  if grade.safety < 1.0 and grade.severity == "none":
+    raise FieldError("severity", f"'none' contradicts safety {grade.safety} (< 1)", "contradiction")
+  if grade.safety == 0.0 and grade.label.startswith("good_"):
+    raise FieldError("label", f"{grade.label!r} contradicts safety 0", "contradiction")
+  return grade
 
 
 def _fields(cls: type) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ class SftExample:
 def load_tokenizer(config: ml_collections.ConfigDict):
   """The tokenizer of the run: `config.tokenizer_dir`, else the HF checkpoint's, else the shipped tiny one."""
   directory = config.get("tokenizer_dir") or config.init.get("hf_dir") or str(TOKENIZER_DIR)
-  return transformers.AutoTokenizer.from_pretrained(directory)
+  return transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
 
 
 def demonstration_examples(data_dir: str, arm: str) -> list[SftExample]:

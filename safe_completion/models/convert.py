@@ -8,7 +8,10 @@ Gemma 2 model into a `ModelConfig` and the scanned params pytree of
 layout, so `AutoModelForCausalLM.from_pretrained` (and vLLM) can load it.
 
 The checkpoint is checked strictly: missing tensors, unexpected tensors and
-shape mismatches are errors naming the tensors, and config settings the
+shape mismatches are errors naming the tensors; unreadable safetensors, a
+config.json that is not a JSON object or whose sizes are not positive
+integers, and an index whose shards lie outside the model directory are errors
+naming the file and field; and config settings the
 decoder cannot express (an unknown rope type, Qwen2's sliding window, biases
 other than Qwen2's q/k/v biases) are errors rather than silently ignored.
 Only the tensor layout changes: q/k/v need no rotary permutation because the
@@ -24,9 +27,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import contextlib
+from collections.abc import Iterator
+
 import flax.traverse_util
 import jax
 import numpy as np
+from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -57,6 +64,11 @@ _HF_CONFIG_CLASSES = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "
                       "Gemma2ForCausalLM": "Gemma2Config"}
 _GEMMA_FAMILY = ("GemmaForCausalLM", "Gemma2ForCausalLM")
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Config fields that must be positive integers when present (a float or string size is an error, not cast).
+_POSITIVE_INT_KEYS = (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings",
+                      "sliding_window")
+_NUMBER_KEYS = ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
+                "final_logit_softcapping")
 _ACTIVATIONS_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                         "gelu": "gelu"}
 _ACTIVATIONS_TO_HF = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
@@ -72,14 +84,44 @@ class CheckpointError(ValueError):
 
 
 def _read_json(path: PathLike) -> dict:
+  """A JSON object from `path`; anything else (bad bytes, bad JSON, a list) is a CheckpointError naming it."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep, too many digits.
+    raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
+
+
+def _check_field_types(raw: Mapping[str, Any], source: str) -> None:
+  for key in _POSITIVE_INT_KEYS:
+    value = raw.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+      raise CheckpointError(f"{source}: {key}: expected a positive integer, got {value!r}")
+  for key in _NUMBER_KEYS:
+    value = raw.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+      raise CheckpointError(f"{source}: {key}: expected a number, got {value!r}")
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str) -> Iterator[Any]:
+  """`safe_open` whose failures (empty, truncated, a bad header) are CheckpointErrors naming the file."""
+  try:
+    with safe_open(path, framework="np") as f:
+      yield f
+  except SafetensorError as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
 
 
 def _architecture(raw: Mapping[str, Any], source: str) -> str:
   architectures = raw.get("architectures") or []
+  if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+    raise CheckpointError(f"{source}: architectures: expected a list of class names, got {architectures!r}")
   if not architectures:
     raise CheckpointError(f"{source}: no 'architectures' entry; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
   if architectures[0] not in _FAMILY_DEFAULTS:
@@ -131,6 +173,7 @@ def config_from_hf_dict(raw: Mapping[str, Any], source: str = "config.json", **o
   missing = [key for key in _REQUIRED_KEYS if raw.get(key) is None]
   if missing:
     raise CheckpointError(f"{source}: missing required field(s) {missing}")
+  _check_field_types(raw, source)
   unsupported = [key for key in ("attention_bias", "mlp_bias", "use_sliding_window", "use_bidirectional_attention")
                  if raw.get(key)]
   if unsupported:
@@ -289,9 +332,13 @@ def _tensor_files(model_dir: PathLike) -> dict[str, str]:
     weight_map = _read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index_path}: no 'weight_map'")
+    for name, file in weight_map.items():
+      # Shards live in the model directory: an index must not make us read files elsewhere.
+      if not isinstance(file, str) or os.path.isabs(file) or ".." in os.path.normpath(file).split(os.sep):
+        raise CheckpointError(f"{index_path}: weight_map[{name!r}]: {file!r} is not a file inside {model_dir}")
     return {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
   if os.path.exists(single_path):
-    with safe_open(single_path, framework="np") as f:
+    with _open_safetensors(single_path) as f:
       return {name: single_path for name in f.keys()}
   raise FileNotFoundError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
                           "(only safetensors checkpoints are supported)")
@@ -331,7 +378,7 @@ def load_hf_params(model_dir: PathLike, config: ModelConfig) -> dict:
     raise FileNotFoundError(f"{model_dir}: shard(s) listed in {INDEX_FILE} are missing: {_listing(absent)}")
   mismatches = []
   for file, names in by_file.items():
-    with safe_open(file, framework="np") as f:
+    with _open_safetensors(file) as f:
       for name in names:
         shape = tuple(f.get_slice(name).get_shape())
         if shape != expected[name].hf_shape:
@@ -342,7 +389,7 @@ def load_hf_params(model_dir: PathLike, config: ModelConfig) -> dict:
   dtype = np.dtype(config.weight_dtype)
   out = {path: np.empty(shape, dtype) for path, shape in param_shapes(config).items()}
   for file, names in by_file.items():
-    with safe_open(file, framework="np") as f:
+    with _open_safetensors(file) as f:
       for name in names:
         entry = expected[name]
         value = _to_ours(f.get_tensor(name), entry.shape, entry.kind)
@@ -362,7 +409,7 @@ def load_hf_checkpoint(model_dir: PathLike, **overrides) -> tuple[dict, ModelCon
 def load_tokenizer(model_dir: PathLike):
   """The HF tokenizer (with its chat template) saved in `model_dir`."""
   import transformers  # Heavy; only needed here and in export.
-  return transformers.AutoTokenizer.from_pretrained(str(model_dir))
+  return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
 # ----------------------------------------------------------------------------- export
