@@ -40,6 +40,7 @@ from configs import sft as sft_configs  # noqa: E402
 from safe_completion import flops  # noqa: E402
 from safe_completion import parallel  # noqa: E402
 from safe_completion import sft  # noqa: E402
+from safe_completion import training  # noqa: E402
 from safe_completion.models import sampling  # noqa: E402
 from safe_completion.models import transformer  # noqa: E402
 from safe_completion.rl import pg  # noqa: E402
@@ -121,8 +122,8 @@ def make_config(args: argparse.Namespace):
 
 
 def random_state(config, model_config: transformer.ModelConfig, mesh):
-  optimizer, schedule = sft.make_optimizer(config, num_steps=1000)
-  state, shardings = sft.build_state(config, model_config, optimizer, mesh, jax.random.key(0))
+  optimizer, schedule = training.make_optimizer(config, num_steps=1000)
+  state, shardings, _ = training.create_state(model_config, optimizer, mesh, parallel.rules_from_config(config))
   return state, shardings, optimizer, schedule
 
 
@@ -204,7 +205,7 @@ def bench_rl(args, config, model_config, mesh, rules, peaks) -> dict:
 def bench_sample(args, config, model_config, mesh, rules, peaks) -> dict:
   del peaks  # Decode is bound by memory, not FLOPs: reported as tokens/s and weight bytes/s.
   param_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
-  params = sft.init_params(config, model_config, jax.random.key(0), param_shardings)  # As stored: param_dtype.
+  params = training.initial_params(model_config, param_shardings, seed=0)  # As stored: param_dtype.
   rng = np.random.default_rng(2)
   prompts = rng.integers(0, model_config.vocab_size, size=(args.sample_batch, args.prompt_len), dtype=np.int32)
   mask = np.ones_like(prompts)

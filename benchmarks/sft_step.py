@@ -63,6 +63,7 @@ from configs import common  # noqa: E402
 from configs import sft as sft_configs  # noqa: E402
 from safe_completion import parallel  # noqa: E402
 from safe_completion import sft  # noqa: E402
+from safe_completion import training  # noqa: E402
 from safe_completion.models import transformer  # noqa: E402
 
 
@@ -95,8 +96,8 @@ class JaxStep:
     self.model_config = sft.model_config_from(config)
     self.mesh = parallel.mesh_from_config(config)
     self.rules = parallel.rules_from_config(config)
-    optimizer, schedule = sft.make_optimizer(config, num_steps=1000)
-    self.state, shardings = sft.build_state(config, self.model_config, optimizer, self.mesh, jax.random.key(0))
+    optimizer, schedule = training.make_optimizer(config, num_steps=1000)
+    self.state, shardings, _ = training.create_state(self.model_config, optimizer, self.mesh, self.rules)
     self.num_params = transformer.num_params(self.state["params"])
     self.batch = parallel.shard_batch(batch, self.mesh)
     self.step_fn = jax.jit(

@@ -1,8 +1,8 @@
 """Orbax checkpoints of a train state (a plain pytree) plus JSON metadata.
 
 Resume is exact because everything that decides the future of a run lives in
-the state (params, optimizer state, step, rng) and the data order is a pure
-function of (seed, step).
+the state (params, optimizer state, step) and the data order and rollout keys
+are pure functions of (seed, step). `training` holds the resume convention.
 """
 
 import dataclasses

@@ -105,8 +105,7 @@ def test_update_without_reward_signal_is_skipped_and_one_with_signal_is_not():
   config = TINY_MODEL
   params = transformer.init_params(config, jax.random.key(0))
   optimizer = optax.adam(1e-2)
-  state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key(1)}
+  state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
   batch = {**_token_batch(jax.random.key(2)),
            "completion_mask": pg.completion_mask_from_lengths(4, 9, jnp.array([5, 3, 5, 2])).astype(jnp.float32)}
   logp = pg.rollout_logprobs(params, batch, model_config=config, temperature=1.0)

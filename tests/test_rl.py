@@ -1,6 +1,5 @@
 """RL loop: the reward rises when the policy can earn it; sharded update equals single-device; exact resume."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from configs import rl as rl_config
 from safe_completion import checkpoint
 from safe_completion import metrics
 from safe_completion import parallel
-from safe_completion import sft
+from safe_completion import training
 from safe_completion.models import transformer
 from safe_completion.rl import loop
 from safe_completion.rl import pg
@@ -44,11 +43,10 @@ def _one_update(mesh, sft_workdir, batch):
   model_config = checkpoint.read_model_config(sft_workdir)
   shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh)
   params, _, _ = checkpoint.load_model(sft_workdir, shardings)
-  optimizer, _ = sft.make_optimizer(config, 4)
-  state, state_shardings = sft.build_state(config, model_config, optimizer, mesh, jax.random.key(0), params)
-  update = jax.jit(functools.partial(pg.update_step, model_config=model_config, optimizer=optimizer,
-                                     config=pg.PgConfig(max_completion_len=6)),
-                   in_shardings=(state_shardings, parallel.batch_sharding(mesh)), donate_argnums=0)
+  optimizer, _ = training.make_optimizer(config, 4)
+  state, state_shardings, _ = training.create_state(model_config, optimizer, mesh, init_params=lambda _: params)
+  update = training.jit_step(pg.update_step, state_shardings, mesh, model_config=model_config, optimizer=optimizer,
+                             config=pg.PgConfig(max_completion_len=6))
   with parallel.activation_sharding(mesh):
     state, update_metrics = update(state, parallel.shard_batch(batch, mesh))
   return state["params"], jax.device_get(update_metrics)

@@ -1,6 +1,5 @@
-"""SFT trainer: learns on the shipped data, sharded step equals single-device, NaN stops cleanly."""
+"""SFT trainer: learns on the shipped data, sharded step equals single-device, a blow-up stops and resumes."""
 
-import functools
 import os
 
 import jax
@@ -13,6 +12,7 @@ from safe_completion import flops
 from safe_completion import metrics
 from safe_completion import parallel
 from safe_completion import sft
+from safe_completion import training
 from safe_completion.data import sft_data
 
 
@@ -43,11 +43,10 @@ def _two_steps(mesh, config):
   model_config = sft.model_config_from(config)
   tokenizer = sft_data.load_tokenizer(config)
   dataset = sft_data.build_dataset(config, tokenizer)
-  optimizer, schedule = sft.make_optimizer(config, config.num_steps)
-  state, shardings = sft.build_state(config, model_config, optimizer, mesh, jax.random.key(0))
-  step = jax.jit(functools.partial(sft.train_step, model_config=model_config, optimizer=optimizer,
-                                   schedule=schedule),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh)), donate_argnums=0)
+  optimizer, schedule = training.make_optimizer(config, config.num_steps)
+  state, shardings, _ = training.create_state(model_config, optimizer, mesh)
+  step = training.jit_step(sft.train_step, shardings, mesh, model_config=model_config, optimizer=optimizer,
+                           schedule=schedule)
   with parallel.activation_sharding(mesh):
     for i in range(2):
       state, _ = step(state, parallel.shard_batch(dataset.train_batch(i), mesh))
@@ -63,22 +62,40 @@ def test_sharded_train_step_equals_single_device():
                single["params"], sharded["params"])
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
-  config = micro_config(**{"optimizer.learning_rate": 1e30, "optimizer.clip_norm": 1e30})
-  with pytest.raises(FloatingPointError, match="last good state"):
-    sft.train(config, str(tmp_path))
-  mngr = checkpoint.manager(str(tmp_path / "checkpoints"), async_save=False)
-  step = mngr.latest_step()
-  model_config = sft.model_config_from(config)
-  abstract = jax.eval_shape(lambda r: sft.transformer.init_params(model_config, r), jax.random.key(0))
-  params = checkpoint.restore_params(str(tmp_path / "checkpoints"), abstract, step)
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+def _all_finite(tree) -> bool:
+  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
+
+
+def test_non_finite_stops_with_a_finite_state_on_disk_and_a_lower_lr_resumes_from_it(tmp_path):
+  # The repro of issue 14: a huge learning rate, no warmup, no clipping, a checkpoint every step.
+  blowup = {"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0, "optimizer.clip_norm": 1e30,
+            "checkpoint.every_steps": 1, "checkpoint.async_save": True}
+  with pytest.raises(FloatingPointError, match="last finite state is checkpoint"):
+    sft.train(micro_config(num_steps=6, **blowup), str(tmp_path))
+  directory = str(tmp_path / "checkpoints")
+  with checkpoint.manager(directory, async_save=False) as mngr:
+    kept = mngr.latest_step()
+    model_config = sft.model_config_from(micro_config())
+    abstract, _ = training.state_shardings(model_config, training.make_optimizer(micro_config(), 6)[0],
+                                           parallel.make_mesh(), parallel.DEFAULT_RULES)
+    for step in mngr.all_steps():
+      assert _all_finite(checkpoint.restore(mngr, abstract, step)[0]), f"checkpoint {step} is not finite"
+  logged = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  # The state the failing step started from is dropped too: it is what produced the non-finite numbers.
+  assert kept is not None and kept == len(logged) - 1
+
+  final = sft.train(micro_config(num_steps=6, **{**blowup, "optimizer.learning_rate": 3e-3}), str(tmp_path))
+  rows = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["step"] for r in rows[len(logged):]] == list(range(kept + 1, 7))  # Resumed from the kept state.
+  assert np.isfinite(final["loss"]) and final["non_finite"] == 0.0
+  with checkpoint.manager(directory, async_save=False) as mngr:
+    assert mngr.latest_step() == 6 and _all_finite(checkpoint.restore(mngr, abstract)[0])
 
 
 def test_gradient_accumulation_sizes_the_schedule_in_optimizer_steps():
   config = micro_config(**{"optimizer.grad_accum_steps": 4, "optimizer.warmup_steps": 2,
                            "optimizer.decay": "linear", "optimizer.final_lr_fraction": 0.0})
-  _, schedule = sft.make_optimizer(config, num_steps=40)  # 10 optimizer steps: 2 warmup, 8 decay.
+  _, schedule = training.make_optimizer(config, num_steps=40)  # 10 optimizer steps: 2 warmup, 8 decay.
   learning_rate = config.optimizer.learning_rate
   assert float(schedule(7)) == pytest.approx(learning_rate / 2 * 1)  # Micro-step 7 is optimizer step 1.
   assert float(schedule(8)) == pytest.approx(learning_rate)  # Warmup done at optimizer step 2.

@@ -22,8 +22,8 @@ import tqdm
 from safe_completion import checkpoint
 from safe_completion import metrics as metrics_lib
 from safe_completion import parallel
-from safe_completion import sft
 from safe_completion import taxonomy
+from safe_completion import training
 from safe_completion.data import chat
 from safe_completion.data import records
 from safe_completion.data import sft_data
@@ -124,24 +124,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                             eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
 
   updates_per_step = rl.epochs * rl.minibatches
-  optimizer, schedule = sft.make_optimizer(config, config.num_steps * updates_per_step)
-  state, shardings = sft.build_state(config, model_config, optimizer, mesh, jax.random.key(config.seed),
-                                     initial_params=ref_params)
+  optimizer, schedule = training.make_optimizer(config, config.num_steps * updates_per_step)
+  ckpt = training.checkpoint_manager(config, workdir)
+  # The policy starts as a copy of the frozen reference (the state owns, and donates, its params).
+  state, shardings, start = training.create_state(model_config, optimizer, mesh, rules, ckpt,
+                                                  lambda _: jax.tree.map(jnp.copy, ref_params))
   batch_sharding = parallel.batch_sharding(mesh)
   sample_fn = jax.jit(functools.partial(sampling.sample, model_config=model_config, sampling_config=sampling_config))
   logprob_fn = jax.jit(functools.partial(pg.rollout_logprobs, model_config=model_config, temperature=rl.temperature),
                        in_shardings=(shardings["params"], batch_sharding), out_shardings=batch_sharding)
-  update_fn = jax.jit(functools.partial(pg.update_step, model_config=model_config, optimizer=optimizer,
-                                        config=pg_config),
-                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, parallel.replicated(mesh)),
-                      donate_argnums=0)
-
-  ckpt = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,
-                            save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, _ = checkpoint.restore(ckpt, state)
-    start = ckpt.latest_step()
+  update_fn = training.jit_step(pg.update_step, shardings, mesh, model_config=model_config, optimizer=optimizer,
+                                config=pg_config)
   writer = metrics_lib.MetricsWriter(workdir, wandb_config=config.wandb, run_config=config.to_dict())
   samples_path = os.path.join(workdir, "samples.jsonl")
   base_rng = jax.random.key(config.seed + 1)
@@ -188,13 +181,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       gap = np.abs(host_old[:, -width:] - sampler_logprobs) * mask[:, -width:]
       batch.update(old_logprobs=host_old, ref_logprobs=host_ref, advantages=np.asarray(advantages).reshape(-1))
       order = np.random.default_rng([config.seed, step]).permutation(group * k)
-      skipped = []
+      skipped, non_finite = [], []
       for _ in range(rl.epochs):
         for chunk in np.array_split(order, rl.minibatches):
           minibatch = {name: value[np.sort(chunk)] for name, value in batch.items()}
           state, update_metrics = update_fn(state, parallel.shard_batch(minibatch, mesh))
           skipped.append(update_metrics["update_skipped"])
-      update_metrics = {**parallel.to_host(update_metrics), "update_skipped": np.mean(parallel.to_host(skipped))}
+          non_finite.append(update_metrics["non_finite"])
+      update_metrics = {**parallel.to_host(update_metrics), "update_skipped": np.mean(parallel.to_host(skipped)),
+                        "non_finite": np.max(parallel.to_host(non_finite))}
       timings["time/update"] = time.perf_counter() - started
 
       last = {**rollout_metrics(step_prompts, grades, np.asarray(rewards), lengths, np.asarray(aux["include"]), k),
@@ -203,8 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "sampler_trainer_logprob_gap/max": float(gap.max()),
               "learning_rate": float(schedule(int(state["step"]) - 1)),
               "truncated_rate": float(1 - finished.mean())}
-      if not np.isfinite(last["loss"]):
-        raise FloatingPointError(f"RL loss is {last['loss']} at step {step}; the update was skipped")
+      training.stop_if_non_finite(ckpt, step, bool(last["non_finite"]), f"an RL update (last loss {last['loss']})")
       writer.write(step + 1, last)
       if (step + 1) % config.sample_table_every == 0 and jax.process_index() == 0:
         with open(samples_path, "a") as f:
@@ -212,8 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f.write(json.dumps({"step": step + 1, "prompt_id": request.prompt_id, "completion": text,
                                 "reward": float(reward), "safety": grade.safety, "helpfulness": grade.helpfulness,
                                 "mode": grade.mode, "valid": grade.valid}) + "\n")
-      checkpoint.save(ckpt, step + 1, state, {"num_steps": config.num_steps}, force=step + 1 == config.num_steps)
-  ckpt.wait_until_finished()
-  ckpt.close()
+      training.save(ckpt, step + 1, state, config.num_steps)
+  training.close(ckpt)
   writer.close()
   return last

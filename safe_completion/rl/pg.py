@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from safe_completion import training
 from safe_completion.models import transformer
 
 KL_MODES = ("k3_value_k2_grad", "k3_loss", "k1_reward", "none")
@@ -67,18 +68,6 @@ def completion_lengths(completion_tokens: jax.Array, eos_ids: tuple[int, ...]) -
   width = completion_tokens.shape[1]
   first = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, width)
   return first.astype(jnp.int32)
-
-
-def token_logprobs(params: Any, model_config: transformer.ModelConfig, batch: dict,
-                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """Log-probs [B, T-1] of the next tokens at `temperature`, and the per-token entropy."""
-  logits = transformer.forward(params, model_config, batch["tokens"], batch["positions"], batch["segment_ids"])
-  logits = logits[:, :-1].astype(jnp.float32) / temperature
-  log_softmax = jax.nn.log_softmax(logits, axis=-1)
-  targets = batch["tokens"][:, 1:]
-  logprobs = jnp.take_along_axis(log_softmax, targets[..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(log_softmax) * log_softmax, axis=-1)
-  return logprobs, entropy
 
 
 def aggregate(values: jax.Array, mask: jax.Array, aggregation: str, max_completion_len: int) -> jax.Array:
@@ -140,27 +129,21 @@ def update_step(state: dict, batch: dict, *, model_config: transformer.ModelConf
   A minibatch whose advantages are all zero carries no reward signal: its
   gradient is the KL term alone, which while the policy still equals the
   reference is rounding noise (~1e-9) that Adam would scale into a full
-  learning-rate step. Such a step is skipped (state unchanged,
-  `update_skipped` = 1), as is one with a non-finite loss or gradient.
+  learning-rate step. Such a step is skipped by `training.apply_gradients`
+  (state unchanged, `update_skipped` = 1), as is a non-finite one.
   """
 
   def loss_fn(params):
-    logprobs, entropy = token_logprobs(params, model_config, batch, config.temperature)
+    logprobs, entropy = training.token_logprobs(params, model_config, batch, config.temperature)
     loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
                                 batch["completion_mask"], config)
     metrics["entropy"] = aggregate(entropy, batch["completion_mask"], "token_mean", 1)
     return loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   has_signal = jnp.any((batch["advantages"] != 0) & jnp.any(batch["completion_mask"] > 0, axis=1))
-  new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-               "step": state["step"] + 1, "rng": state["rng"]}
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite & has_signal, new, old), new_state, state)
-  return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm,
-                     "update_skipped": 1.0 - has_signal.astype(jnp.float32)}
+  new_state, update_metrics = training.apply_gradients(state, grads, loss, optimizer, has_signal)
+  return new_state, {**metrics, **update_metrics}
 
 
 def kl_penalized_rewards(rewards: jax.Array, old_logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array,
@@ -172,4 +155,4 @@ def kl_penalized_rewards(rewards: jax.Array, old_logprobs: jax.Array, ref_logpro
 def rollout_logprobs(params: Any, batch: dict, *, model_config: transformer.ModelConfig,
                      temperature: float) -> jax.Array:
   """Trainer-side log-probs of a rollout batch (for old policy and reference alike)."""
-  return token_logprobs(params, model_config, batch, temperature)[0]
+  return training.token_logprobs(params, model_config, batch, temperature)[0]
