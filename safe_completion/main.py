@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from safe_completion import config_checks
 from safe_completion import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sft.py:tiny.", lock_config=True)
@@ -47,6 +48,10 @@ def main(argv):
                          "with gcsfuse (launch/tpu.py does, at /gcs/BUCKET) and pass the mounted path")
   if config.stage not in STAGES:
     raise app.UsageError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
+  try:
+    config_checks.validate(config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   module_name, function_name = STAGES[config.stage].split(":")
   getattr(importlib.import_module(module_name), function_name)(config, _WORKDIR.value)
 
