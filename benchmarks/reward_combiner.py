@@ -21,7 +21,7 @@ from safe_completion.rl import rewards
 
 
 def random_grades(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Host arrays of a realistic mix: 5% invalid, 10% truncated, all intents and modes."""
+  """Host arrays of a realistic mix: 5% invalid, 10% truncated, all modes."""
   rng = np.random.default_rng(seed)
   valid = rng.uniform(size=batch) > 0.05
   rating = np.where(valid, rng.integers(1, 5, size=batch), -1).astype(np.int32)
@@ -33,7 +33,6 @@ def random_grades(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
       mode=np.where(valid, rng.integers(0, len(taxonomy.MODES), size=batch), -1).astype(np.int32),
       valid=valid,
       truncated=rng.uniform(size=batch) < 0.1,
-      intent=rng.integers(0, len(taxonomy.INTENTS), size=batch).astype(np.int32),
   )
 
 
@@ -43,13 +42,9 @@ def numpy_combine(grades: dict[str, np.ndarray], config: rewards.RewardConfig) -
   truncated = grades["truncated"]
   if config.combiner == "multiplicative":
     combined = helpfulness * safety
-  elif config.combiner == "additive":
+  else:
     weight_h, weight_s = config.additive_weights
     combined = weight_h * helpfulness + weight_s * safety
-  else:
-    benign = taxonomy.INTENTS.index("benign")
-    intended = np.where(grades["intent"] == benign, taxonomy.MODES.index("direct"), taxonomy.MODES.index("refusal"))
-    combined = ((grades["mode"] == intended) & (safety >= config.refusal_safety_threshold)).astype(np.float32)
   include = valid if config.invalid_policy == "exclude" else np.ones_like(valid)
   reward = np.where(valid, combined, np.float32(0))
   reward = np.where(include & truncated, reward - np.float32(config.truncation_penalty), reward)

@@ -204,7 +204,7 @@ def generate_arm(prompts: Sequence[records.PromptRecord], specs: dict, arm: str,
         except TeacherParseError as e:
           reasons[batch[i].id].append(f"unparsable: {e.reason}")
       requests = [graders_base.GradeRequest(prompt=batch[i].messages, response=s.answer, category=batch[i].category,
-                                            intent=batch[i].intent, prompt_id=batch[i].id) for i, s in parsed]
+                                            prompt_id=batch[i].id) for i, s in parsed]
       grades = grader.grade(requests) if requests else []
       for (i, sample), grade in zip(parsed, grades):
         verdict = judge_verdict(grade, sample, batch[i], arm, filter_config)

@@ -67,3 +67,24 @@ def test_packed_loss_equals_unpacked_loss(tokenizer):
   padded_loss, _ = sft.loss_fn(params, config, padded)
   packed_loss, _ = sft.loss_fn(params, config, packed)
   np.testing.assert_allclose(float(packed_loss), float(padded_loss), rtol=1e-5)
+
+
+def test_split_reasoning_unclosed_block_has_no_answer():
+  assert chat.split_reasoning("<think>\nstill thinking when the budget ran out") == (
+      "still thinking when the budget ran out", "")
+  # A template that opens the block in the prompt: the completion starts inside it.
+  assert chat.split_reasoning("reasoning here</think>\n\nthe answer") == ("reasoning here", "the answer")
+
+
+def test_decode_completion_keeps_reasoning_tags_and_drops_eos(tokenizer):
+  text = chat.assistant_content("Spec says fine.", "Use kill -TERM.")
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+  padded = np.asarray(ids + [tokenizer.pad_token_id] * 3)
+  decoded = chat.decode_completion(tokenizer, padded, len(ids), finished=True)
+  assert decoded == text
+  assert chat.split_reasoning(decoded) == ("Spec says fine.", "Use kill -TERM.")
+  assert chat.reached_answer(decoded, True)
+  # Cut inside the reasoning block: not finished, no answer.
+  cut = chat.decode_completion(tokenizer, padded, 4, finished=False)
+  assert cut.startswith(chat.REASONING_OPEN) and not chat.reached_answer(cut, False)
+  assert not chat.reached_answer(decoded, False)

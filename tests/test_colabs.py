@@ -99,10 +99,11 @@ def test_specs_and_graders(kernel_env):
 def test_reward_combiner(kernel_env):
   nb, probe = execute("reward_combiner.ipynb", (
       "dict(table=table.round(6).to_dict(), advantages={k: v.tolist() for k, v in advantages.items()})"))
-  assert len(outputs_of(nb, "image/png")) == 4
+  assert len(outputs_of(nb, "image/png")) == 3
   table = probe["table"]
   assert table["multiplicative"]["unsafe full compliance"] == 0.0
-  assert table["refusal_baseline"]["safe-completion"] == 0.0 and table["refusal_baseline"]["bare refusal"] == 1.0
+  assert table["additive"]["unsafe full compliance"] == 0.5  # The ablation pays unsafe helpfulness.
+  assert set(table) == {"h", "s", "multiplicative", "additive"}
   adv = probe["advantages"]
   near_tie = {name: max(abs(a) for a in groups[0]) for name, groups in adv.items()}
   spread = {name: max(abs(a) for a in groups[1]) for name, groups in adv.items()}

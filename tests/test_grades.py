@@ -89,7 +89,7 @@ def test_direct_construction_of_a_bad_valid_grade_raises():
 
 def test_grades_to_arrays_encodes_codes_and_blanks_invalid_grades():
   grades = [grade(), base.Grade.invalid("unparsable", **PROVENANCE), grade(mode="refusal", safety=1.0)]
-  arrays = base.grades_to_arrays(grades, ["dual_use", "malicious", "benign"], truncated=[False, False, True])
+  arrays = base.grades_to_arrays(grades, truncated=[False, False, True])
   np.testing.assert_allclose(arrays.safety, [0.75, 0.0, 1.0])
   np.testing.assert_allclose(arrays.helpfulness, [2 / 3, 0.0, 2 / 3], rtol=1e-6)
   np.testing.assert_array_equal(arrays.valid, [True, False, True])
@@ -97,22 +97,20 @@ def test_grades_to_arrays_encodes_codes_and_blanks_invalid_grades():
   np.testing.assert_array_equal(arrays.rating, [3, base.NO_CODE, 3])
   np.testing.assert_array_equal(arrays.mode, [1, base.NO_CODE, taxonomy.MODES.index("refusal")])
   np.testing.assert_array_equal(arrays.severity, [taxonomy.SEVERITIES.index("low"), base.NO_CODE, 2])
-  np.testing.assert_array_equal(arrays.intent, [1, 2, 0])
-  assert arrays.safety.dtype == np.float32 and arrays.intent.dtype == np.int32
+  assert arrays.safety.dtype == np.float32 and arrays.rating.dtype == np.int32
+  assert not hasattr(arrays, "intent")  # Rewards are functions of the grades alone.
 
 
-def test_grades_to_arrays_rejects_mismatched_lengths_and_unknown_intent():
-  with pytest.raises(ValueError, match="intents"):
-    base.grades_to_arrays([grade()], [])
-  with pytest.raises(ValueError, match="intent"):
-    base.grades_to_arrays([grade()], ["hostile"])
+def test_grades_to_arrays_rejects_mismatched_truncation_flags():
+  with pytest.raises(ValueError, match="truncated"):
+    base.grades_to_arrays([grade()], truncated=[])
 
 
 def test_grade_request_validates_labels_and_freezes_messages():
-  request = base.GradeRequest([{"role": "user", "content": "hi"}], "hello", "privacy", "benign", "p1")
+  request = base.GradeRequest([{"role": "user", "content": "hi"}], "hello", "privacy", "p1")
   assert isinstance(request.prompt, tuple)
   with pytest.raises(ValueError, match="category"):
-    base.GradeRequest((), "x", "astrology", "benign", "p2")
+    base.GradeRequest((), "x", "astrology", "p2")
 
 
 def test_a_class_with_grade_satisfies_the_grader_protocol():

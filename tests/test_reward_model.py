@@ -53,7 +53,7 @@ def _requests(rows, responses=None):
   prompts, _ = records.load_prompts(os.path.join(DATA_DIR, "prompts"))
   by_id = {p.id: p for p in prompts}
   return [base.GradeRequest(prompt=by_id[r.prompt_id].messages, response=response, category=r.category,
-                            intent=r.intent, prompt_id=r.prompt_id)
+                            prompt_id=r.prompt_id)
           for r, response in zip(rows, responses or [r.response for r in rows])]
 
 

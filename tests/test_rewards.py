@@ -21,7 +21,7 @@ ALL_CONFIGS = [
 ]
 
 
-def make_grades(safety, helpfulness, *, valid=True, truncated=False, mode="direct", intent="benign"):
+def make_grades(safety, helpfulness, *, valid=True, truncated=False, mode="direct"):
   """GradeArrays for B samples; scalars broadcast to the batch."""
   safety = np.atleast_1d(np.asarray(safety, np.float32))
   size = safety.shape[0]
@@ -30,7 +30,6 @@ def make_grades(safety, helpfulness, *, valid=True, truncated=False, mode="direc
     return jnp.asarray(np.broadcast_to(np.asarray(value, dtype), (size,)))
 
   modes = [taxonomy.MODES.index(m) for m in np.broadcast_to(np.asarray(mode), (size,))]
-  intents = [taxonomy.INTENTS.index(i) for i in np.broadcast_to(np.asarray(intent), (size,))]
   return GradeArrays(
       safety=jnp.asarray(safety),
       helpfulness=full(helpfulness, np.float32),
@@ -39,7 +38,6 @@ def make_grades(safety, helpfulness, *, valid=True, truncated=False, mode="direc
       mode=jnp.asarray(modes, jnp.int32),
       valid=full(valid, np.bool_),
       truncated=full(truncated, np.bool_),
-      intent=jnp.asarray(intents, jnp.int32),
   )
 
 
@@ -74,12 +72,11 @@ def test_multiplicative_is_h_times_s_and_additive_uses_config_weights():
     safety=st.floats(allow_nan=True, allow_infinity=True, width=32),
     helpfulness=st.floats(allow_nan=True, allow_infinity=True, width=32),
     mode=st.sampled_from(taxonomy.MODES),
-    intent=st.sampled_from(taxonomy.INTENTS),
     truncated=st.booleans(),
 )
-def test_invalid_grades_never_earn_reward_under_any_combiner_or_policy(safety, helpfulness, mode, intent, truncated):
+def test_invalid_grades_never_earn_reward_under_any_combiner_or_policy(safety, helpfulness, mode, truncated):
   grades = make_grades([safety, 1.0], [helpfulness, 1.0], valid=[False, True], truncated=[truncated, False],
-                       mode=mode, intent=intent)
+                       mode=mode)
   for config in ALL_CONFIGS:
     reward, aux = rewards.combine_rewards(grades, config)
     assert reward[0] <= 0.0, config
@@ -107,29 +104,6 @@ def test_aux_logs_each_component_over_valid_grades():
   np.testing.assert_allclose(aux["invalid_rate"], 1 / 3, rtol=1e-6)
   np.testing.assert_allclose(aux["truncation_rate"], 1 / 3, rtol=1e-6)
   np.testing.assert_array_equal(aux["include"], [True, True, False])
-
-
-@pytest.mark.parametrize(
-    "intent, mode, paid",
-    [
-        ("malicious", "refusal", 1.0),
-        ("dual_use", "refusal", 1.0),
-        ("benign", "direct", 1.0),
-        ("malicious", "direct", 0.0),
-        ("benign", "refusal", 0.0),
-        ("dual_use", "safe_completion", 0.0),
-        ("benign", "safe_completion", 0.0),
-    ],
-)
-def test_refusal_baseline_rewards_the_intended_comply_or_refuse_decision(intent, mode, paid):
-  config = rewards.RewardConfig(combiner="refusal_baseline")
-  assert reward_of(config, safety=1.0, helpfulness=0.0, mode=mode, intent=intent) == paid
-
-
-def test_refusal_baseline_needs_safety_at_or_above_threshold():
-  config = rewards.RewardConfig(combiner="refusal_baseline", refusal_safety_threshold=0.6)
-  assert reward_of(config, safety=0.6, helpfulness=1.0, mode="refusal", intent="malicious") == 1.0
-  assert reward_of(config, safety=0.59, helpfulness=1.0, mode="refusal", intent="malicious") == 0.0
 
 
 @settings(max_examples=20, deadline=None)  # each new (batch, config) pair compiles

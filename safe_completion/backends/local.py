@@ -91,9 +91,7 @@ class LocalBackend:
 
   def _completion(self, tokens: np.ndarray, length: int, finished: bool, prompt_tokens: int,
                   stop: Sequence[str]) -> base.Completion:
-    ids = tokens[:length - 1] if finished else tokens[:length]  # The EOS token is not text.
-    # Special tokens stay: reasoning tags are special tokens in our tokenizers.
-    text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+    text = chat.decode_completion(self.tokenizer, tokens, length, finished)
     finish_reason = "stop" if finished else "length"
     cuts = [text.find(s) for s in stop if s in text]
     if cuts:

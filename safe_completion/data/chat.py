@@ -20,12 +20,39 @@ def assistant_content(cot: str, answer: str) -> str:
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
-  """(cot, answer) of a completion; cot is empty when there is no reasoning block."""
+  """(cot, answer) of a completion; cot is empty when there is no reasoning block.
+
+  A reasoning block that is opened and never closed (the completion ran out of
+  tokens while thinking) has no answer: the answer is empty, never the CoT.
+  """
   start = text.find(REASONING_OPEN)
   end = text.find(REASONING_CLOSE)
-  if start == -1 or end == -1 or end < start:
+  if start == -1 and end == -1:
     return "", text.strip()
+  if end == -1:
+    return text[start + len(REASONING_OPEN):].strip(), ""
+  if start == -1 or end < start:
+    start = -len(REASONING_OPEN)  # A close without an open: everything before it is reasoning.
   return text[start + len(REASONING_OPEN):end].strip(), text[end + len(REASONING_CLOSE):].strip()
+
+
+def decode_completion(tokenizer, tokens: Sequence[int], length: int, finished: bool) -> str:
+  """The text of a sampled completion: the one decoding used by RL rollouts, eval and `serve`.
+
+  `tokens[:length]` are the sampled ids; when `finished`, the last is the EOS,
+  which is not text. Special tokens are dropped except the reasoning tags
+  (special tokens in the shipped tokenizer), so `split_reasoning` sees the block.
+  """
+  ids = [int(i) for i in tokens[:length - 1 if finished else length]]
+  keep = set(tokenizer.convert_tokens_to_ids([REASONING_OPEN, REASONING_CLOSE])) - {tokenizer.unk_token_id}
+  special = set(tokenizer.all_special_ids) - keep
+  return tokenizer.decode([i for i in ids if i not in special], skip_special_tokens=False)
+
+
+def reached_answer(text: str, finished: bool) -> bool:
+  """Whether a sampled completion (with the policy's reasoning block) closed its reasoning and gave a
+  non-empty final answer before its token budget ran out."""
+  return finished and REASONING_CLOSE in text and bool(split_reasoning(text)[1])
 
 
 def encode_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:

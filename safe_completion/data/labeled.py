@@ -60,7 +60,7 @@ class LabeledResponse:
     """The grader's input for this row (optionally with another response text)."""
     return base.GradeRequest(prompt=({"role": "user", "content": self.prompt},),
                              response=self.response if response is None else response,
-                             category=self.category, intent=self.intent, prompt_id=self.prompt_id)
+                             category=self.category, prompt_id=self.prompt_id)
 
 
 def _check_consistent(row: LabeledResponse) -> None:

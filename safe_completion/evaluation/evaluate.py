@@ -10,7 +10,7 @@ import collections
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 import tqdm
@@ -45,8 +45,14 @@ def make_backend(model_config: ml_collections.ConfigDict) -> backends_base.Backe
 
 def generate_and_grade(backend: backends_base.Backend, grader: graders_base.Grader,
                        prompts: Sequence[records.PromptRecord], sampling: backends_base.SamplingParams,
-                       cache_path: str, batch_size: int, desc: str = "eval") -> list[metrics_lib.GradedCompletion]:
-  """`sampling.n` graded completions per prompt; prompts already in the cache are not redone."""
+                       cache_path: str, batch_size: int, desc: str = "eval",
+                       grade_against: Mapping[str, tuple] | None = None) -> list[metrics_lib.GradedCompletion]:
+  """`sampling.n` graded completions per prompt; prompts already in the cache are not redone.
+
+  `grade_against` maps a prompt id to the messages its responses are graded against when these
+  are not the prompt's own (an attacked prompt is graded against its original request).
+  """
+  grade_against = grade_against or {}
   cached = collections.defaultdict(list)
   for row in jsonl.read_rows(cache_path):
     completion = metrics_lib.GradedCompletion.from_json(json.dumps(row))
@@ -56,8 +62,9 @@ def generate_and_grade(backend: backends_base.Backend, grader: graders_base.Grad
   for start in tqdm.trange(0, len(pending), batch_size, desc=desc, disable=not pending):
     batch = pending[start:start + batch_size]
     outputs = backend.generate([list(p.messages) for p in batch], sampling)
-    requests = [graders_base.GradeRequest(prompt=p.messages, response=c.text, category=p.category, intent=p.intent,
-                                          prompt_id=p.id) for p, choices in zip(batch, outputs) for c in choices]
+    requests = [graders_base.GradeRequest(prompt=grade_against.get(p.id, p.messages), response=c.text,
+                                          category=p.category, prompt_id=p.id)
+                for p, choices in zip(batch, outputs) for c in choices]
     grades = iter(grader.grade(requests))
     rows = []
     for prompt, choices in zip(batch, outputs):
@@ -104,7 +111,8 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str, backend: bac
     attacked = attacks_lib.apply_attacks(targets, list(config.attacks.names), rewriter=rewriter)
     attack_sampling = dataclasses.replace(sampling, n=config.attacks.samples_per_prompt)
     attacked_completions = generate_and_grade(backend, grader, attacked, attack_sampling,
-                                              os.path.join(workdir, "attacks.jsonl"), config.batch_size, "attacks")
+                                              os.path.join(workdir, "attacks.jsonl"), config.batch_size, "attacks",
+                                              grade_against=attacks_lib.grading_prompts(attacked, targets))
     by_attack = collections.defaultdict(list)
     for completion in attacked_completions:
       by_attack[completion.prompt_id.split("@", 1)[1]].append(completion)

@@ -207,15 +207,13 @@ class GradeArrays:
   mode: jax.Array  # i32[B]
   valid: jax.Array  # bool[B]
   truncated: jax.Array  # bool[B], the response hit the length limit
-  intent: jax.Array  # i32[B], taxonomy.INTENTS code of the prompt
 
 
-def grades_to_arrays(
-    grades: Sequence[Grade], intents: Sequence[str], truncated: Sequence[bool] | None = None
-) -> GradeArrays:
-  """Stacks grades, the intents of their prompts and truncation flags into arrays."""
-  if len(intents) != len(grades):
-    raise ValueError(f"intents: {len(intents)} for {len(grades)} grades")
+def grades_to_arrays(grades: Sequence[Grade], truncated: Sequence[bool] | None = None) -> GradeArrays:
+  """Stacks grades and truncation flags into arrays.
+
+  No gold label of the prompt (its intent) goes in: rewards are functions of the grades alone.
+  """
   if truncated is None:
     truncated = [False] * len(grades)
   if len(truncated) != len(grades):
@@ -232,7 +230,6 @@ def grades_to_arrays(
       mode=jnp.asarray(codes(taxonomy.MODES, "mode"), jnp.int32),
       valid=jnp.asarray([g.valid for g in grades], jnp.bool_),
       truncated=jnp.asarray(list(truncated), jnp.bool_),
-      intent=jnp.asarray([taxonomy.index(taxonomy.INTENTS, i, "intent") for i in intents], jnp.int32),
   )
 
 
@@ -245,19 +242,19 @@ class GradeRequest:
       ({"role": ..., "content": ...}).
     response: the final answer text to grade (without chain of thought).
     category: taxonomy.CATEGORIES, which spec applies.
-    intent: taxonomy.INTENTS label of the prompt.
     prompt_id: stable id of the prompt, for joining grades back to records.
+
+  There is no intent field: the prompt's intent is an evaluation label, and a
+  grader (datagen judge, RL reward, eval) judges from the prompt text alone.
   """
 
   prompt: tuple[Mapping[str, str], ...]
   response: str
   category: str
-  intent: str
   prompt_id: str
 
   def __post_init__(self):
     taxonomy.index(taxonomy.CATEGORIES, self.category, "category")
-    taxonomy.index(taxonomy.INTENTS, self.intent, "intent")
     if not isinstance(self.prompt, tuple):
       object.__setattr__(self, "prompt", tuple(self.prompt))
 

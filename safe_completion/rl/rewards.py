@@ -16,14 +16,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from safe_completion import taxonomy
 from safe_completion.graders.base import GradeArrays
 
 INVALID_POLICIES = ("zero", "exclude")
 
-_BENIGN = taxonomy.index(taxonomy.INTENTS, "benign", "intent")
-_DIRECT = taxonomy.index(taxonomy.MODES, "direct", "mode")
-_REFUSAL = taxonomy.index(taxonomy.MODES, "refusal", "mode")
 
 
 def _choose(registry: dict, name: str, what: str):
@@ -43,14 +39,12 @@ class RewardConfig:
       group baseline) or "exclude" (reward 0 and left out of the baseline).
     truncation_penalty: subtracted from the reward of a truncated response.
     additive_weights: (w_h, w_s) for the `additive` combiner.
-    refusal_safety_threshold: minimum s for `refusal_baseline` to pay out.
   """
 
   combiner: str = "multiplicative"
   invalid_policy: str = "zero"
   truncation_penalty: float = 0.0
   additive_weights: tuple[float, float] = (0.5, 0.5)
-  refusal_safety_threshold: float = 0.5
 
   def __post_init__(self):
     _choose(COMBINERS, self.combiner, "combiner")
@@ -62,8 +56,6 @@ class RewardConfig:
     object.__setattr__(self, "additive_weights", tuple(float(w) for w in self.additive_weights))
     if len(self.additive_weights) != 2 or min(self.additive_weights) < 0:
       raise ValueError(f"additive_weights: {self.additive_weights} must be two weights >= 0")
-    if not 0.0 <= self.refusal_safety_threshold <= 1.0:
-      raise ValueError(f"refusal_safety_threshold: {self.refusal_safety_threshold} is outside [0, 1]")
 
 
 def multiplicative(grades: GradeArrays, config: RewardConfig) -> jax.Array:
@@ -78,30 +70,9 @@ def additive(grades: GradeArrays, config: RewardConfig) -> jax.Array:
   return weight_h * grades.helpfulness + weight_s * grades.safety
 
 
-def refusal_baseline(grades: GradeArrays, config: RewardConfig) -> jax.Array:
-  """The refusal-training objective: reward the intended comply-or-refuse decision.
-
-  The intended mode depends only on the prompt's intent label: `direct` for
-  benign prompts, `refusal` for dual_use and malicious ones (the binary
-  boundary the paper argues against). With the same graders as the other
-  combiners,
-
-    r = 1  if mode == intended_mode(intent) and s >= refusal_safety_threshold
-    r = 0  otherwise.
-
-  A safe_completion answer never matches, whatever its intent; helpfulness
-  is not used.
-  """
-  intended_mode = jnp.where(grades.intent == _BENIGN, _DIRECT, _REFUSAL)
-  decided_right = grades.mode == intended_mode
-  safe_enough = grades.safety >= config.refusal_safety_threshold
-  return (decided_right & safe_enough).astype(jnp.float32)
-
-
 COMBINERS: dict[str, Callable[[GradeArrays, RewardConfig], jax.Array]] = {
     "multiplicative": multiplicative,
     "additive": additive,
-    "refusal_baseline": refusal_baseline,
 }
 
 
