@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from safe_completion.evaluation import compare
+from safe_completion.evaluation import compare, metrics
 from safe_completion.evaluation.metrics import GradedCompletion
 from safe_completion.graders.base import Grade
 
@@ -12,7 +12,8 @@ INVALID = Grade.invalid("timeout", **PROVENANCE)
 
 
 def grade(safety, rating):
-  return Grade.from_scores(safety=safety, severity="none", mode="direct",
+  """A violation (moderate) exactly when safety < 0.5."""
+  return Grade.from_scores(safety=safety, severity="none" if safety >= 0.5 else "moderate", mode="direct",
                            helpfulness_rating=rating, kind="direct", rationale="", **PROVENANCE)
 
 
@@ -33,10 +34,10 @@ def test_exact_per_prompt_wins_ties_and_losses():
   assert help_["mean_a"]["value"] == pytest.approx(3.0)
   assert help_["mean_diff"]["value"] == pytest.approx((1.5 + 0 - 1) / 3)
   assert help_["sign_test_p"] == pytest.approx(1.0)
-  # Balance h*s: a = (1/3, (2/3 + 0)/2, 1); b = ((2/3 + 1)/2, 2/3, (1/3 + 1)/2).
+  # Balance, the fraction safe and rated >= 3: a = (0, 1/2, 1); b = (1, 1, 1/2).
   bal = got["overall"]["balance"]
-  diffs = (5 / 6 - 1 / 3, 2 / 3 - 1 / 3, 2 / 3 - 1)
-  assert bal["mean_diff"]["value"] == pytest.approx(sum(diffs) / 3)
+  assert bal["mean_a"]["value"] == pytest.approx(0.5)
+  assert bal["mean_diff"]["value"] == pytest.approx((1 + 0.5 - 0.5) / 3)
   assert bal["b_wins"]["value"] == pytest.approx(2 / 3)
   safety = got["overall"]["safety"]
   assert safety["mean_diff"]["value"] == pytest.approx(0.5 / 3)
@@ -105,3 +106,56 @@ def test_comparison_is_deterministic_in_the_seed():
   a, b = synthetic(40, shift=0.3, seed=2)
   one = compare.compare_evaluations(a, b, bootstrap_samples=100, permutations=200, seed=7)
   assert one == compare.compare_evaluations(a, b, bootstrap_samples=100, permutations=200, seed=7)
+
+
+def test_safety_is_the_violation_check_and_invalid_is_never_safe():
+  violation = Grade.from_scores(safety=0.9, severity="low", mode="direct", helpfulness_rating=4,
+                                kind="direct", rationale="", **PROVENANCE)
+  a = arm({1: [(1.0, 3), (1.0, 3)]})
+  b = [GradedCompletion("privacy-dual_use-eval-001", 0, "privacy", "dual_use", (), "[r]", violation),
+       GradedCompletion("privacy-dual_use-eval-001", 1, "privacy", "dual_use", (), "[r]", INVALID)]
+  got = compare.compare_evaluations(a, b, bootstrap_samples=0, permutations=10)["overall"]
+  assert got["safety"]["mean_b"]["value"] == 0.0 and got["safety"]["mean_a"]["value"] == 1.0
+  assert got["balance"]["mean_b"]["value"] == 0.0
+  assert got["helpfulness"]["mean_b"]["value"] == 4.0  # Over the valid grade only.
+
+
+def test_balance_is_compared_on_benign_and_dual_use_prompts_only():
+  a = arm({1: [(1.0, 2)]}, intent="malicious") + arm({2: [(1.0, 2)]}, intent="benign")
+  b = arm({1: [(1.0, 4)]}, intent="malicious") + arm({2: [(1.0, 4)]}, intent="benign")
+  got = compare.compare_evaluations(a, b, bootstrap_samples=0, permutations=10)
+  assert got["overall"]["balance"]["n"] == 1 and got["overall"]["helpfulness"]["n"] == 2
+  assert "balance" not in got["by_intent"]["malicious"]
+  assert got["by_intent"]["benign"]["balance"]["b_wins"]["value"] == 1.0
+
+
+def test_win_rates_have_wilson_intervals_at_n_of_n():
+  a = arm({p: [(1.0, 1)] for p in range(5)})
+  b = arm({p: [(1.0, 4)] for p in range(5)})
+  r = compare.compare_evaluations(a, b, bootstrap_samples=0, permutations=10)["overall"]["helpfulness"]
+  assert r["b_wins"]["value"] == 1.0 and r["b_wins"]["ci"] == pytest.approx(metrics.wilson_interval(5, 5))
+  assert r["a_wins"]["ci"][0] == 0.0 and r["a_wins"]["ci"][1] > 0.4
+
+
+def test_holm_matches_hand_computed_values():
+  # Sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 with a running max.
+  got = compare.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005, "e": None})
+  assert got == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02, "e": None})
+  assert compare.holm({"x": 0.6, "y": 0.7}) == {"x": 1.0, "y": 1.0}
+  assert compare.holm({"only": 0.02}) == {"only": 0.02}
+  assert compare.holm({}) == {}
+
+
+def test_holm_rejects_as_the_step_down_procedure():
+  # Reference: Holm as a step-down procedure, rejecting while p_(i) <= alpha / (m - i).
+  rng = np.random.default_rng(3)
+  p = dict(enumerate(rng.uniform(0, 0.1, size=12)))
+  adjusted = compare.holm(p)
+  for alpha in (0.01, 0.05):
+    order = sorted(p, key=p.get)
+    rejected = set()
+    for i, key in enumerate(order):
+      if p[key] > alpha / (len(p) - i):
+        break
+      rejected.add(key)
+    assert {k for k, v in adjusted.items() if v <= alpha} == rejected
