@@ -8,6 +8,7 @@ they need `grader.helpfulness`, another grader section (e.g. kind
 import ml_collections
 
 from safe_completion.graders import base
+from safe_completion.graders import safety_only
 
 SAFETY_KINDS = ("gpt_oss_safeguard", "guideline_classifier", "llama_guard")
 GRADER_KINDS = ("reward_model", "llm_judge", "keyword", *SAFETY_KINDS)
@@ -25,7 +26,6 @@ def classifier_config() -> ml_collections.ConfigDict:
 
 def _backend(endpoint: ml_collections.ConfigDict, classifier: bool):
   from safe_completion.backends import http
-  from safe_completion.graders import safety_only
   kwargs = dict(api_key_env=endpoint.api_key_env, max_concurrency=endpoint.get("max_concurrency", 8))
   if classifier:
     if endpoint.get("cache_path"):
@@ -34,7 +34,7 @@ def _backend(endpoint: ml_collections.ConfigDict, classifier: bool):
   return http.HttpBackend(endpoint.base_url, endpoint.model, cache_path=endpoint.get("cache_path") or None, **kwargs)
 
 
-def make_safety_classifier(grader_config: ml_collections.ConfigDict):
+def make_safety_classifier(grader_config: ml_collections.ConfigDict) -> safety_only.SafetyClassifier:
   """The `safety_only.SafetyClassifier` of a safety classifier kind."""
   from safe_completion import specs as specs_lib
   kind = grader_config.kind
@@ -59,7 +59,8 @@ def make_safety_classifier(grader_config: ml_collections.ConfigDict):
   raise ValueError(f"grader.kind={kind!r} is not a safety classifier kind {list(SAFETY_KINDS)}")
 
 
-def make_grader(grader_config: ml_collections.ConfigDict, *, allow_safety_only: bool = False):
+def make_grader(grader_config: ml_collections.ConfigDict, *,
+                allow_safety_only: bool = False) -> base.Grader | safety_only.SafetyClassifier:
   """`reward_model` (learned, from `reward_model_dir`), `llm_judge` (an OpenAI-compatible endpoint),
   `keyword` (a programmatic sanity-check reward) or a safety classifier kind.
 
@@ -83,7 +84,6 @@ def make_grader(grader_config: ml_collections.ConfigDict, *, allow_safety_only: 
                               specs_lib.load_specs(grader_config.get("spec_dir") or None),
                               arm=grader_config.get("arm", "safe_completion"))
   if kind in SAFETY_KINDS:
-    from safe_completion.graders import safety_only
     classifier = make_safety_classifier(grader_config)
     helpfulness = grader_config.get("helpfulness")
     if helpfulness and helpfulness.get("kind"):
