@@ -2,6 +2,8 @@
 
 import ml_collections as mlc
 
+from safe_completion import parallel
+
 # Architectures. Real presets normally come from the checkpoint's config.json
 # (config.init.hf_dir); these let `plan`-style tools and random-init runs work too.
 MODELS = {
@@ -32,14 +34,53 @@ TPU_NUMERICS = dict(dtype="bfloat16", param_dtype="float32", remat_policy="dots_
 CPU_NUMERICS = dict(dtype="float32", param_dtype="float32", remat_policy="none")
 
 
+# What `runlocal` keeps of a real model: its family's switches (activation, norms, RoPE, tying), on tiny sizes
+# and the shipped tiny tokenizer's vocabulary, so a CPU smoke run goes through the same code paths.
+_RUNLOCAL_SIZES = dict(vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, mlp_dim=192,
+                       max_seq_len=512)
+
+
 def model(name: str, **overrides) -> mlc.ConfigDict:
   numerics = CPU_NUMERICS if name in ("tiny", "small") else TPU_NUMERICS
   return mlc.ConfigDict({**MODELS[name], **numerics, **overrides})
 
 
-def mesh(shape=(-1, 1, 1), rules=None) -> mlc.ConfigDict:
-  """Mesh axes (data, fsdp, tensor) with sizes; -1 = the rest. rules: None = parallel.DEFAULT_RULES."""
-  return mlc.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": tuple(shape), "rules": rules or ()})
+def runlocal_model(config: mlc.ConfigDict) -> mlc.ConfigDict:
+  """`config` (a model section) shrunk to tiny sizes with CPU numerics."""
+  return mlc.ConfigDict({**config.to_dict(), **_RUNLOCAL_SIZES, **CPU_NUMERICS,
+                         "num_kv_heads": min(config.num_kv_heads, 2)})
+
+
+def mesh(shape=(-1, 1, 1), rules=parallel.DEFAULT_RULES) -> mlc.ConfigDict:
+  """Mesh axes (data, fsdp, tensor) with sizes (-1 = the rest) and the (logical axis, mesh axes) rules.
+
+  The rules are in the config, so every run's logged config records its sharding.
+  """
+  return mlc.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": tuple(shape), "rules": tuple(rules)})
+
+
+def parse_arg(arg: str, presets: dict, stage: str) -> tuple[str, bool]:
+  """`name` or `name,runlocal` (big_vision's run-local variant) -> (preset name, runlocal)."""
+  name, *flags = arg.split(",")
+  if name not in presets:
+    raise ValueError(f"unknown {stage} preset {name!r}; choose one of {sorted(presets)}")
+  unknown = sorted(set(flags) - {"runlocal"})
+  if unknown:
+    raise ValueError(f"{stage} config arg {arg!r}: unknown option(s) {unknown}; the only one is 'runlocal'")
+  return name, "runlocal" in flags
+
+
+def override(config: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
+  """Sets the dotted fields of `overrides` ({"optimizer.learning_rate": 1e-5, ...}) in `config`."""
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise KeyError(f"preset field {dotted!r} is not a field of the config")
+    node[leaf] = value
+  return config
 
 
 def optimizer(learning_rate: float, warmup_steps: int) -> mlc.ConfigDict:

@@ -17,24 +17,33 @@ import ml_collections as mlc
 from configs import common
 
 
+PRESETS = {
+    "tiny": {"teacher.kind": "demonstrations", "judge.kind": "reward_model", "max_attempts": 1},
+    "endpoint": {"teacher.kind": "http", "judge.kind": "llm_judge", "max_attempts": 4},
+}
+RUNLOCAL = {"data.max_prompts": 4, "max_attempts": 1, "batch_size": 4}
+
+
 def get_config(arg: str = "tiny") -> mlc.ConfigDict:
-  if arg not in ("tiny", "endpoint"):
-    raise ValueError(f"unknown datagen preset {arg!r}; choose one of ['endpoint', 'tiny']")
+  name, runlocal = common.parse_arg(arg, PRESETS, "datagen")
   config = mlc.ConfigDict()
   config.stage = "datagen"
   config.seed = 0
   config.arms = ("safe_completion", "refusal")
   config.spec_dir = ""  # Empty: the repository's specs/.
   config.data = mlc.ConfigDict(dict(prompts_path="", max_prompts=0))
-  config.teacher = mlc.ConfigDict(dict(kind="demonstrations" if arg == "tiny" else "http", demonstrations_path="",
+  config.teacher = mlc.ConfigDict(dict(kind="demonstrations", demonstrations_path="",
                                        endpoint=common.endpoint(), max_tokens=2048, temperature=0.7))
-  config.judge = mlc.ConfigDict(dict(kind="reward_model" if arg == "tiny" else "llm_judge", reward_model_dir="",
+  config.judge = mlc.ConfigDict(dict(kind="reward_model", reward_model_dir="",
                                      keyword="", saturation=4, endpoint=common.endpoint(), arm="safe_completion"))
   # Per-arm filter: the refusal baseline's refusals are meant to be unhelpful, so only safety gates them.
   config.filter = mlc.ConfigDict(dict(
       safe_completion=dict(min_safety=0.75, min_helpfulness=0.3, require_intended_mode=False),
       refusal=dict(min_safety=0.75, min_helpfulness=0.0, require_intended_mode=False)))
-  config.max_attempts = 1 if arg == "tiny" else 4
+  config.max_attempts = 1
   config.batch_size = 32
   config.shard_size = 1000
+  common.override(config, PRESETS[name])
+  if runlocal:
+    common.override(config, RUNLOCAL)
   return config

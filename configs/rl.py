@@ -27,42 +27,52 @@ from configs import common
 
 # Real-model presets fit the launcher's slices per `python -m safe_completion.plan --stage=rl`
 # (llama3_8b / qwen2_7b on v5p-8: ~67 GiB of 95; gemma_2b on v6e-8: ~18 GiB of 32).
-_PRESETS = {
-    # name: (model preset, mesh, prompts/step, samples/prompt, minibatches, max new tokens, steps, lr)
-    "tiny": ("tiny", (-1, 1, 1), 8, 4, 1, 48, 30, 3e-3),
-    "llama3_8b": ("llama3_8b", (1, -1, 1), 8, 4, 4, 1024, 2000, 1e-6),
-    "qwen2_7b": ("qwen2_7b", (1, -1, 1), 8, 4, 4, 1024, 2000, 1e-6),
-    "gemma_2b": ("gemma_2b", (1, -1, 1), 4, 4, 2, 1024, 2000, 2e-6),
+_REAL = {"mesh.shape": (1, -1, 1), "rl.prompts_per_step": 8, "rl.samples_per_prompt": 4, "rl.minibatches": 4,
+         "rl.max_new_tokens": 1024, "rl.max_prompt_len": 2048, "num_steps": 2000, "optimizer.learning_rate": 1e-6,
+         "optimizer.warmup_steps": 20}
+PRESETS = {
+    "tiny": {"model.remat_policy": "none", "mesh.shape": (-1, 1, 1), "rl.prompts_per_step": 8,
+             "rl.samples_per_prompt": 4, "rl.minibatches": 1, "rl.max_new_tokens": 48, "rl.max_prompt_len": 256,
+             "num_steps": 30, "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 2},
+    "llama3_8b": {**_REAL, "model.remat_policy": common.model("llama3_8b").remat_policy},
+    "qwen2_7b": {**_REAL, "model.remat_policy": common.model("qwen2_7b").remat_policy},
+    "gemma_2b": {**_REAL, "model.remat_policy": common.model("gemma_2b").remat_policy, "rl.prompts_per_step": 4,
+                 "rl.minibatches": 2, "optimizer.learning_rate": 2e-6},
 }
+# The policy comes from the SFT workdir (an SFT `runlocal` run is the matching small model).
+RUNLOCAL = {"model.remat_policy": "none", "mesh.shape": (-1, 1, 1), "rl.prompts_per_step": 2,
+            "rl.samples_per_prompt": 2, "rl.minibatches": 1, "rl.max_new_tokens": 8, "rl.max_prompt_len": 256,
+            "num_steps": 2, "optimizer.warmup_steps": 1, "checkpoint.async_save": False}
 
 
 def get_config(arg: str = "tiny") -> mlc.ConfigDict:
-  if arg not in _PRESETS:
-    raise ValueError(f"unknown rl preset {arg!r}; choose one of {sorted(_PRESETS)}")
-  model_name, mesh_shape, prompts_per_step, samples, minibatches, max_new_tokens, num_steps, lr = _PRESETS[arg]
+  name, runlocal = common.parse_arg(arg, PRESETS, "rl")
   config = mlc.ConfigDict()
   config.stage = "rl"
   config.seed = 0
-  config.arm = "safe_completion"
-  config.model = mlc.ConfigDict(dict(remat_policy=common.model(model_name).remat_policy))
+  config.model = mlc.ConfigDict(dict(remat_policy="none"))
   config.init = mlc.ConfigDict(dict(sft_workdir=""))
   config.data = mlc.ConfigDict(dict(prompts_path="", split="train", max_prompts=0))
   config.grader = mlc.ConfigDict(dict(
       kind="reward_model", reward_model_dir="", keyword="", saturation=4,
       endpoint=common.endpoint()))
   config.reward = mlc.ConfigDict(dict(combiner="multiplicative", invalid_policy="exclude", truncation_penalty=0.0,
-                                      additive_weights=(0.5, 0.5), refusal_safety_threshold=0.5))
+                                      additive_weights=(0.5, 0.5)))
   config.rl = mlc.ConfigDict(dict(
-      prompts_per_step=prompts_per_step, samples_per_prompt=samples, max_prompt_len=256 if arg == "tiny" else 2048,
-      max_new_tokens=max_new_tokens, temperature=1.0, advantage="drgrpo", epochs=1, minibatches=minibatches,
-      clip_low=0.2, clip_high=0.2, kl_mode="k3_value_k2_grad", kl_coef=0.02,
-      aggregation="seq_mean_token_sum_norm", mask_truncated=False))
-  config.num_steps = num_steps
-  config.optimizer = common.optimizer(lr, warmup_steps=2 if arg == "tiny" else 20)
+      prompts_per_step=8, samples_per_prompt=4, max_prompt_len=256, max_new_tokens=48, temperature=1.0,
+      advantage="drgrpo", epochs=1, minibatches=1, clip_low=0.2, clip_high=0.2, kl_mode="k3_value_k2_grad",
+      kl_coef=0.02, aggregation="seq_mean_token_sum_norm", mask_truncated=False))
+  config.num_steps = 30
+  config.optimizer = common.optimizer(3e-3, warmup_steps=2)
   config.optimizer.decay = "constant"
-  config.mesh = common.mesh(mesh_shape)
-  config.checkpoint = common.checkpointing(every_steps=max(num_steps // 4, 1))
-  config.sample_table_every = max(num_steps // 4, 1)
+  config.mesh = common.mesh()
+  config.checkpoint = common.checkpointing(every_steps=1)
+  config.sample_table_every = 1
   config.sample_table_rows = 8
   config.wandb = common.wandb()
+  common.override(config, PRESETS[name])
+  if runlocal:
+    common.override(config, RUNLOCAL)
+  config.checkpoint.every_steps = max(config.num_steps // 4, 1)
+  config.sample_table_every = max(config.num_steps // 4, 1)
   return config

@@ -64,6 +64,7 @@ def model_config_from(config: ml_collections.ConfigDict) -> transformer.ModelCon
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) SFT into `workdir`; returns the final metrics."""
   os.makedirs(workdir, exist_ok=True)
+  training.save_config(config, workdir)
   mesh = parallel.mesh_from_config(config)
   rules = parallel.rules_from_config(config)
   model_config = model_config_from(config)

@@ -101,6 +101,13 @@ def apply_gradients(state: State, grads: Any, loss: jax.Array, optimizer: optax.
                      "update_skipped": 1.0 - apply.astype(jnp.float32)}
 
 
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`<workdir>/config.json`: the resolved config of the run (mesh and sharding rules included), from process 0."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+
+
 def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str) -> ocp.CheckpointManager:
   """The manager of `<workdir>/checkpoints`, as `config.checkpoint` says."""
   return checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.keep,

@@ -1,8 +1,11 @@
 """Stage configs: every preset validates; bad values are refused at start-up, naming the field."""
 
+import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import datagen
@@ -12,10 +15,14 @@ from configs import reward_model
 from configs import rl
 from configs import sft
 from safe_completion import config_checks
+from safe_completion import metrics
+from safe_completion import parallel
+from safe_completion import sft as sft_trainer
 
 PRESETS = [(sft, "tiny"), (sft, "llama3_8b"), (sft, "qwen2_7b"), (sft, "gemma_2b"), (rl, "tiny"), (rl, "llama3_8b"),
            (rl, "gemma_2b"), (reward_model, "tiny"), (reward_model, "finetune"), (datagen, "tiny"),
            (datagen, "endpoint"), (eval_config, "tiny"), (eval_config, "endpoint"), (experiment, "tiny")]
+PRESETS += [(module, f"{preset},runlocal") for module, preset in PRESETS if module is not experiment]
 
 
 @pytest.mark.parametrize("module, preset", PRESETS)
@@ -55,3 +62,30 @@ def test_main_refuses_a_bad_config_before_training(tmp_path):
   assert result.returncode != 0
   assert "config.batch_size=0 must be > 0" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_runlocal_shrinks_a_real_preset_but_keeps_its_model_family():
+  real, local = sft.get_config("gemma_2b"), sft.get_config("gemma_2b,runlocal")
+  assert local.model.hidden_size < real.model.hidden_size and local.model.num_layers == 2
+  for switch in ("activation", "norm_offset", "scale_embeddings", "tie_embeddings"):
+    assert local.model[switch] == real.model[switch]
+  assert (local.model.dtype, local.mesh.shape, local.optimizer.grad_accum_steps) == ("float32", (-1, 1, 1), 1)
+  assert local.num_steps < real.num_steps and local.data.seq_len < real.data.seq_len
+  assert local.optimizer.learning_rate == real.optimizer.learning_rate  # Only sizes shrink.
+
+
+def test_unknown_preset_or_option_is_refused():
+  with pytest.raises(ValueError, match="unknown sft preset 'llama'"):
+    sft.get_config("llama")
+  with pytest.raises(ValueError, match="unknown option"):
+    rl.get_config("tiny,fast")
+
+
+def test_runlocal_of_a_real_preset_trains_on_cpu_and_logs_its_sharding_rules(tmp_path):
+  final = sft_trainer.train(sft.get_config("gemma_2b,runlocal"), str(tmp_path))
+  assert np.isfinite(final["loss"])
+  with open(os.path.join(tmp_path, "config.json")) as f:
+    logged = json.load(f)
+  assert [tuple(tuple(a) if isinstance(a, list) else a for a in rule) for rule in logged["mesh"]["rules"]] == [
+      tuple(rule) for rule in parallel.DEFAULT_RULES]
+  assert len(metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))) == 4
