@@ -69,7 +69,7 @@ def _wait_until_up(proc: subprocess.Popen, base_url: str, timeout_s: float, log)
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
     try:
-      if httpx.get(f"{base_url}/models", timeout=1.0).status_code == 200:
+      if httpx.get(f"{base_url}/models", timeout=1.0).status_code in (200, 401):  # 401: up, with a key.
         return
     except httpx.TransportError:
       pass

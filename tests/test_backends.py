@@ -232,7 +232,7 @@ def test_serve_local_model_over_http_matches_in_process(tiny_model, tokenizer, t
   convert.export_hf(params, config, model_dir, architecture="LlamaForCausalLM", tokenizer=tokenizer)
   port = scripted_server.free_port()
   args = ["safe_completion.backends.serve", f"--model_dir={model_dir}", f"--port={port}", "--max_prompt_len=48",
-          "--batch_size=2"]
+          "--batch_size=2", "--allow_no_auth"]
   sampling_params = base.SamplingParams(max_tokens=5, temperature=0.0, n=2)
   expected = local.LocalBackend(params, config, tokenizer, max_prompt_len=48, batch_size=2).generate(
       CONVERSATIONS, sampling_params)

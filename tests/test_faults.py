@@ -5,26 +5,35 @@ Each test feeds one fault to the real component (real HTTP servers on loopback, 
 the fault gets through.
 """
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 
 import httpx
 import jax
+import openai
 import pytest
+import transformers
+import uvicorn
 
 from safe_completion.backends import base
 from safe_completion.backends import http
+from safe_completion.backends import local
+from safe_completion.backends import serve
+from safe_completion.backends import serve_engine
 from safe_completion.data import records
 from safe_completion.models import convert
 from safe_completion.models import transformer
 from tests import scripted_server
 
 ECHO = scripted_server.EchoBackend.model_id
+TOKENIZER_DIR = f"{scripted_server.REPO_ROOT}/data/tokenizer"
 
 
 def user(text):
@@ -263,3 +272,175 @@ def test_transformers_never_trusts_remote_code():
       if "trust_remote_code=False" not in call:
         offenders.append(f"{os.path.relpath(path, scripted_server.REPO_ROOT)}:{source.count(chr(10), 0, match.start()) + 1}")
   assert offenders == [], offenders
+
+
+# ----------------------------------------------------------------------------- serve
+
+SERVE_KEY = "sk-serve-key-77"
+
+
+@contextlib.contextmanager
+def serving(app):
+  """`app` behind a real uvicorn server on 127.0.0.1, in a thread; yields the /v1 base URL."""
+  port = scripted_server.free_port()
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started and time.monotonic() < deadline:
+    time.sleep(0.02)
+  try:
+    yield f"http://127.0.0.1:{port}/v1"
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_backend():
+  tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+  config = transformer.ModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=128)
+  params = transformer.init_params(config, jax.random.key(0))
+  return local.LocalBackend(params, config, tokenizer, max_prompt_len=48, batch_size=2, model_id="tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_backend):
+  return serve_engine.ServeEngine(tiny_backend, chunk_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def keyed_url(engine):
+  with serving(serve.make_app(engine, api_key=SERVE_KEY)) as url:
+    yield url
+
+
+def chat(url, key=SERVE_KEY, **body):
+  body = {"model": "tiny", "messages": user("hello there"), "max_tokens": 4, "temperature": 0.0, **body}
+  return httpx.post(f"{url}/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_serve_needs_the_api_key(keyed_url):
+  for headers in ({}, {"authorization": "Bearer sk-wrong"}, {"authorization": SERVE_KEY}):
+    response = httpx.post(f"{keyed_url}/chat/completions", json={"model": "tiny", "messages": user("x")},
+                          headers=headers)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", headers
+  assert httpx.get(f"{keyed_url}/models").status_code == 401
+  assert chat(keyed_url).status_code == 200
+
+
+def test_serve_without_key_only_when_explicit_and_on_loopback(monkeypatch):
+  with pytest.raises(ValueError, match="--api_key_env=NAME"):
+    serve.api_key_from_flags(None, False, "127.0.0.1")
+  with pytest.raises(ValueError, match="only on a loopback"):
+    serve.api_key_from_flags(None, True, "0.0.0.0")
+  assert serve.api_key_from_flags(None, True, "127.0.0.1") is None
+  with pytest.raises(ValueError, match=r"\$SC_UNSET_KEY is unset"):
+    serve.api_key_from_flags("SC_UNSET_KEY", False, "0.0.0.0")
+  monkeypatch.setenv("SC_SET_KEY", "k1")
+  assert serve.api_key_from_flags("SC_SET_KEY", False, "0.0.0.0") == "k1"
+
+
+@pytest.mark.parametrize("body, pattern", [
+    (dict(max_tokens=10**9), r"max_tokens=1000000000 is more than .* allows: at most \d+"),
+    (dict(max_tokens=125), r"max_tokens=125 is more than the prompt has \d+ tokens of a 128-token context"),
+    (dict(seed=2**70), r"seed: Input should be less than or equal to"),
+    (dict(seed=-1), r"seed: Input should be greater than or equal to 0"),
+    (dict(max_tokens=0), r"max_tokens"),
+])
+def test_serve_bad_values_are_400s(keyed_url, body, pattern):
+  response = chat(keyed_url, **body)
+  assert response.status_code == 400 and re.search(pattern, response.json()["error"]["message"]), response.text
+
+
+@pytest.mark.parametrize("where", ["content", "stop", "model"])
+def test_serve_lone_surrogates_are_400s(keyed_url, where):
+  body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+  raw = json.dumps(body).replace('"hi"', '"hi\\ud800"') if where == "content" else json.dumps(
+      {**body, **({"stop": "@@"} if where == "stop" else {"model": "@@"})}).replace('"@@"', '"\\udc80"')
+  response = httpx.post(f"{keyed_url}/chat/completions", content=raw,
+                        headers={"authorization": f"Bearer {SERVE_KEY}", "content-type": "application/json"})
+  assert response.status_code == 400 and "lone surrogate" in response.json()["error"]["message"], response.text
+
+
+def test_serve_new_max_tokens_temperature_and_seed_do_not_recompile(keyed_url, engine):
+  assert chat(keyed_url, max_tokens=3).status_code == 200
+  before = dict(engine.traces)
+  for max_tokens, temperature, top_p, seed in [(5, 0.0, 1.0, 1), (9, 0.7, 0.9, 2), (12, 1.3, 0.5, 3),
+                                               (16, 0.2, 1.0, 2**40)]:
+    assert chat(keyed_url, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed).status_code == 200
+  assert dict(engine.traces) == before  # One bucket (16 tokens): nothing traced again.
+  assert chat(keyed_url, max_tokens=20).status_code == 200  # The next bucket compiles once ...
+  assert chat(keyed_url, max_tokens=30, temperature=0.9).status_code == 200  # ... and only once.
+  assert engine.traces["prefill"] == before["prefill"] + 1
+
+
+def test_serve_greedy_matches_the_local_backend(keyed_url, tiny_backend):
+  expected = tiny_backend.generate([user("hello there")], base.SamplingParams(max_tokens=7, temperature=0.0))
+  got = chat(keyed_url, max_tokens=7).json()["choices"][0]
+  assert (got["message"]["content"], got["finish_reason"]) == (expected[0][0].text, expected[0][0].finish_reason)
+
+
+def test_serve_streams_and_serves_text_completions_to_the_openai_client(keyed_url):
+  client = openai.OpenAI(base_url=keyed_url, api_key=SERVE_KEY, max_retries=0)
+  kwargs = dict(model="tiny", max_tokens=10, temperature=0.0)
+  whole = client.chat.completions.create(messages=user("hello there"), **kwargs)
+  chunks = list(client.chat.completions.create(messages=user("hello there"), stream=True, **kwargs))
+  assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+  text = client.completions.create(prompt="The cell is", **kwargs)
+  assert text.object == "text_completion" and text.choices[0].finish_reason in ("stop", "length")
+  streamed = list(client.completions.create(prompt="The cell is", stream=True, **kwargs))
+  assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+  with pytest.raises(openai.AuthenticationError):
+    openai.OpenAI(base_url=keyed_url, api_key="sk-wrong", max_retries=0).completions.create(prompt="x", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def slow_engine(tiny_backend):
+  """An engine whose decode chunks (1 token each) take 50 ms more, so a long request is in flight for seconds."""
+  slow = serve_engine.ServeEngine(tiny_backend, chunk_tokens=1)
+  decode, calls, delay = slow._decode, [], [0.0]
+
+  def slowed(*args):
+    calls.append(time.monotonic())
+    time.sleep(delay[0])
+    return decode(*args)
+
+  slow._decode, slow.decode_calls = slowed, calls
+  for max_tokens in (3, 100):  # Compiles both buckets first, so the deadline meets slow decoding, not compiling.
+    slow.generate([1, 2, 3], base.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                  deadline=time.monotonic() + 600, cancel=threading.Event())
+  delay[0] = 0.05
+  return slow
+
+
+@pytest.fixture(scope="module")
+def slow_url(slow_engine):
+  with serving(serve.make_app(slow_engine, max_queue=1, request_timeout_s=1.5)) as url:
+    yield url
+
+
+def test_serve_deadline_ends_a_long_request(slow_url, slow_engine):
+  start = time.monotonic()
+  response = chat(slow_url, max_tokens=100)
+  assert response.status_code == 504 and "deadline" in response.json()["error"]["message"]
+  assert time.monotonic() - start < 4
+  assert chat(slow_url, max_tokens=3).status_code == 200  # The lock was released.
+
+
+def test_serve_full_queue_is_429_and_disconnect_stops_generation(slow_url, slow_engine):
+  body = {"model": "tiny", "messages": user("hello there"), "max_tokens": 100, "temperature": 0.0, "stream": True}
+  with httpx.Client(timeout=30) as client, client.stream("POST", f"{slow_url}/chat/completions", json=body) as first:
+    assert next(first.iter_lines()).startswith("data: ")  # Generating now ...
+    busy = chat(slow_url, max_tokens=2)
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"  # ... so a second request is refused.
+    made = len(slow_engine.decode_calls)
+  # The client left: generation stops within a chunk or two, far short of 100 tokens, and the server is free.
+  time.sleep(0.5)
+  stopped = len(slow_engine.decode_calls)
+  assert stopped - made <= 3
+  time.sleep(0.3)
+  assert len(slow_engine.decode_calls) == stopped
+  assert chat(slow_url, max_tokens=2).status_code == 200
