@@ -27,6 +27,7 @@ from safe_completion.backends import http
 from safe_completion.backends import local
 from safe_completion.backends import serve
 from safe_completion.backends import serve_engine
+from safe_completion import metrics as metrics_lib
 from safe_completion.data import records
 from safe_completion.models import convert
 from safe_completion.models import transformer
@@ -444,3 +445,20 @@ def test_serve_full_queue_is_429_and_disconnect_stops_generation(slow_url, slow_
   time.sleep(0.3)
   assert len(slow_engine.decode_calls) == stopped
   assert chat(slow_url, max_tokens=2).status_code == 200
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def test_metrics_rows_are_not_repeated_after_a_resume(tmp_path):
+  first = metrics_lib.MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    first.write(step, {"loss": 10.0 - step})
+    first.write(step, {"eval_loss": 20.0 - step})  # Two rows of one step in one run are kept.
+  # Killed after step 3, resumed from the checkpoint of step 2: steps 3 and 4 are redone.
+  resumed = metrics_lib.MetricsWriter(str(tmp_path))
+  resumed.write(3, {"loss": 6.5})
+  resumed.write(4, {"loss": 5.5})
+  rows = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert [(r["step"], r.get("loss", r.get("eval_loss"))) for r in rows] == [
+      (1, 9.0), (1, 19.0), (2, 8.0), (2, 18.0), (3, 6.5), (4, 5.5)]
