@@ -1,4 +1,6 @@
-r"""The controlled experiment (the README's main job): refusal arm vs safe-completion arm, one command.
+r"""The paper's experimental design (the README's main job): refusal arm vs safe-completion arm, one command.
+
+The tiny preset runs that design small, on a CPU: a run of the machinery, not evidence about the method at scale.
 
 Offline tiny default on a 2-core CPU (shipped data, learned reward model as the grader):
   python -m safe_completion.main --config=configs/experiment.py:tiny --workdir=workdir/experiment
