@@ -45,3 +45,19 @@ def test_mfu_benchmark_reports_every_part_on_a_sharded_mesh(tmp_path):
 def test_mfu_benchmark_rejects_unknown_parts():
   with pytest.raises(SystemExit):
     _load_mfu().parse_args(["--parts=sft,decode"])
+
+
+SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
+
+
+def test_serve_load_test_counts_requests_latencies_and_errors(tmp_path):
+  spec = importlib.util.spec_from_file_location("benchmarks_serve", SERVE_SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "serve.jsonl"
+  results = module.main(["--clients=1,4", "--requests=6", "--max_seconds=60", "--max_tokens=2", f"--out={out}"])
+  assert [r["clients"] for r in results] == [1, 4]
+  for r in results:
+    assert r["requests"] == 6 and r["ok"] + sum(r["errors"].values()) == 6
+    assert r["ok"] == 6 and r["p50_s"] <= r["p99_s"] and r["requests_per_s"] == pytest.approx(6 / r["seconds"])
+  assert [json.loads(line)["clients"] for line in out.read_text().splitlines()] == [1, 4]
