@@ -67,6 +67,7 @@ def sharded_nbytes(shape: Sequence[int], dtype: Any, factors: Sequence[int]) -> 
 class ParamStats:
   count: int  # Parameters in the model.
   bytes_per_device: int  # One device's shard of all params, in param_dtype.
+  layer_bytes_per_device: int  # The part in the stacked decoder layers (what the sampler copies per layer).
   indivisible: tuple[str, ...]  # Params whose dimension the mesh cannot split evenly (an error at run time).
 
 
@@ -76,30 +77,32 @@ def param_stats(config: transformer.ModelConfig, sizes: dict[str, int], rules=pa
   specs = transformer.logical_param_specs(config)
   flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
   flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  count = per_device = 0
+  count = per_device = layers = 0
   indivisible = []
   for (path, shape), spec in zip(flat_shapes, flat_specs):
     factors = split_factors(spec, sizes, rules)
     count += math.prod(shape.shape)
-    per_device += sharded_nbytes(shape.shape, shape.dtype, factors)
+    nbytes = sharded_nbytes(shape.shape, shape.dtype, factors)
+    per_device += nbytes
+    layers += nbytes if jax.tree_util.keystr(path).startswith("['layers']") else 0
     if any(dim % factor for dim, factor in zip(shape.shape, factors)):
       indivisible.append(f"{jax.tree_util.keystr(path)} {shape.shape} split {tuple(factors)}")
-  return ParamStats(count, per_device, tuple(indivisible))
+  return ParamStats(count, per_device, layers, tuple(indivisible))
 
 
 def kv_cache_bytes(config: transformer.ModelConfig, batch: int, max_len: int, sizes: dict[str, int],
                    rules=parallel.DEFAULT_RULES) -> int:
-  """One device's share of `init_cache(config, batch, max_len)`, sharded as the sampler constrains it.
+  """One device's share of `init_cache(config, batch, max_len)`, laid out as `sampling.cache_layout()` says.
 
-  k and v: layers x batch x max_len x kv_heads x head_dim x compute-dtype bytes each, split
-  as `sampling._CACHE_AXES` maps over the mesh (today: the batch axes only), plus the int32
-  key segment ids [batch, max_len] and the write index.
+  k and v: one [batch, kv_heads, max_len, head_dim] array per layer in the compute dtype,
+  plus the int32 key segment ids [batch, max_len] and the write index.
   """
-  kv_shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-  cache_axes = sampling._CACHE_AXES  # pylint: disable=protected-access  (the sampler's own constraint)
-  kv = sharded_nbytes(kv_shape, config.compute_dtype, split_factors(cache_axes, sizes, rules))
-  segments = sharded_nbytes((batch, max_len), np.int32, split_factors(("activation_batch", None), sizes, rules))
-  return 2 * kv + segments + np.dtype(np.int32).itemsize
+  layout = sampling.cache_layout()
+  layer_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  kv = sum(sharded_nbytes(layer_shape, config.compute_dtype, split_factors(layout[name], sizes, rules))
+           for name in ("k", "v"))
+  segments = sharded_nbytes((batch, max_len), np.int32, split_factors(layout["segment_ids"], sizes, rules))
+  return config.num_layers * kv + segments + np.dtype(np.int32).itemsize
 
 
 def activation_bytes_per_token(config: transformer.ModelConfig, policy: str, seq_len: int, heads_split: int = 1,
@@ -232,6 +235,9 @@ def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: floa
     total_len = seq_len + max_new_tokens
     rows.append(Row("reference params", params.bytes_per_device, "state", "frozen SFT model"))
     cache_len = total_len - 1  # The sampler never feeds back its last token.
+    # `sampling.sample` splits the stacked layer weights into per-layer arrays (`unstack_params`): a copy.
+    rows.append(Row("sampler weights (rollout)", params.layer_bytes_per_device, "rollout",
+                    "per-layer copy of the stacked layers"))
     rows.append(Row("KV cache (rollout)", kv_cache_bytes(config, rl_batch, cache_len, sizes, rules), "rollout",
                     f"{rl_batch} seqs x {cache_len} slots, {config.dtype}"))
     tokens = _batch_per_device(rl_batch, sizes, rules, "rl_batch") * total_len

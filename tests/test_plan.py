@@ -43,7 +43,7 @@ def test_only_mapped_dimensions_are_split():
 
 def test_kv_cache_formula_equals_init_cache_bytes():
   config = plan.model_config("tiny", dtype="bfloat16")
-  cache = transformer.init_cache(config, batch_size=6, max_len=40)
+  cache = transformer.init_cache(config, batch_size=6, max_len=40, unstacked=True)  # As the sampler keeps it.
   actual = sum(x.nbytes for x in jax.tree.leaves(cache))
   assert plan.kv_cache_bytes(config, 6, 40, plan.axis_sizes((1, 1, 1), 1)) == actual
   # Split over the batch axes (data x fsdp = 2 x 3): k, v and segment ids shrink 6x, the index does not.
@@ -97,3 +97,20 @@ def test_batch_not_divisible_by_batch_axes_is_an_error():
 def test_unknown_model_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown model preset 'llama9'"):
     plan.make_plan("llama9", (1, -1, 1), 8, hbm_gib=16, batch_size=8, seq_len=64)
+
+
+def test_rl_plan_counts_the_samplers_per_layer_weight_copy():
+  config = plan.model_config("tiny")
+  mesh = parallel.make_mesh((2, 2, 2))
+  layers = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))["layers"]
+  shardings = parallel.logical_to_shardings(transformer.logical_param_specs(config)["layers"], mesh)
+  # The layer axis is not split, so the per-layer copies hold as many bytes per device as the stack.
+  copy = sum(int(np.prod(sharding.shard_shape(shape.shape))) * shape.dtype.itemsize
+             for shape, sharding in zip(jax.tree.leaves(layers), jax.tree.leaves(shardings)))
+  result = plan.make_plan("tiny", (2, 2, 2), 8, hbm_gib=16, batch_size=8, seq_len=64, stage="rl", rl_batch=16,
+                          max_new_tokens=16)
+  rows = {row.name: row for row in result.rows}
+  assert rows["sampler weights (rollout)"].nbytes == result.params.layer_bytes_per_device == copy
+  big = plan.make_plan("llama3_8b", (1, -1, 1), 4, hbm_gib=95, batch_size=8, seq_len=2048, stage="rl", rl_batch=32,
+                       max_new_tokens=1024)
+  assert 6.0 < {r.name: r for r in big.rows}["sampler weights (rollout)"].nbytes / plan.GIB < 7.5

@@ -26,8 +26,6 @@ from safe_completion.models import transformer
 
 Array = jax.Array
 
-_BATCH_AXES = ("activation_batch", None)
-_CACHE_AXES = (None, "activation_batch", None, None, None)  # [L, B, Hkv, S, D]; the sampler keeps one array per layer.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +158,21 @@ def _emit(state: _State, logits: Array, config: SamplingConfig) -> _State:
       rng=rng)
 
 
+def cache_layout() -> dict[str, tuple]:
+  """Logical axes of the sampler's KV cache: per layer, k and v [B, Hkv, S, D]; key segment ids [B, S].
+
+  The cache is split over the batch like the activations; `plan` sizes it from this.
+  """
+  per_layer = ("activation_batch", None, None, None)
+  return {"k": per_layer, "v": per_layer, "segment_ids": ("activation_batch", None)}
+
+
 def _constrain_cache(cache: transformer.Cache) -> transformer.Cache:
-  """Keeps the cache split over the batch like the activations (a no-op outside `activation_sharding`)."""
-  layer_axes = {"k": _CACHE_AXES[1:], "v": _CACHE_AXES[1:]}
+  """Keeps the cache laid out as `cache_layout` says (a no-op outside `activation_sharding`)."""
+  layout = cache_layout()
+  layer_axes = {"k": layout["k"], "v": layout["v"]}
   return {"index": cache["index"],
-          "segment_ids": nn.with_logical_constraint(cache["segment_ids"], _BATCH_AXES),
+          "segment_ids": nn.with_logical_constraint(cache["segment_ids"], layout["segment_ids"]),
           "layers": tuple(nn.with_logical_constraint(layer, layer_axes) for layer in cache["layers"])}
 
 
