@@ -17,6 +17,7 @@ import time
 
 import httpx
 import jax
+import numpy as np
 import openai
 import pytest
 import transformers
@@ -462,3 +463,24 @@ def test_metrics_rows_are_not_repeated_after_a_resume(tmp_path):
   rows = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
   assert [(r["step"], r.get("loss", r.get("eval_loss"))) for r in rows] == [
       (1, 9.0), (1, 19.0), (2, 8.0), (2, 18.0), (3, 6.5), (4, 5.5)]
+
+
+def test_reward_model_grader_isolates_a_failing_row():
+  """One row that fails the encoder fails the batch; its batch-mates still get real grades (issue 15)."""
+  from safe_completion.graders import base as graders_base
+  from safe_completion.graders import reward_model
+
+  def predict(texts, categories):
+    if any("BAD-ROW" in t for t in texts):  # Stands in for the tokenizer failing on one row's text.
+      "\ud800".encode("utf-8")
+    n = len(texts)
+    return {"safety": np.ones(n), "severity": np.zeros(n, int), "mode": np.zeros(n, int),
+            "rating": np.full(n, 3), "mode_probs": np.ones((n, 4)) / 4, "expected_rating": np.full(n, 3.0)}
+
+  grader = object.__new__(reward_model.RewardModelGrader)
+  grader.judge_model, grader.template_hash, grader.predict = "rm@test", "t", predict
+  requests = [graders_base.GradeRequest(prompt=user(text), response="fine", category="hate", prompt_id=f"p{i}")
+              for i, text in enumerate(["ok one", "BAD-ROW", "ok two"])]
+  grades = grader.grade(requests)
+  assert [g.valid for g in grades] == [True, False, True]
+  assert "UnicodeEncodeError" in grades[1].rationale  # The exception text is recorded with the dropped row.
