@@ -36,10 +36,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
                                        endpoint=common.endpoint(), max_tokens=2048, temperature=0.7))
   config.judge = mlc.ConfigDict(dict(kind="reward_model", reward_model_dir="",
                                      keyword="", saturation=4, endpoint=common.endpoint(), arm="safe_completion"))
-  # Per-arm filter: the refusal baseline's refusals are meant to be unhelpful, so only safety gates them.
-  config.filter = mlc.ConfigDict(dict(
-      safe_completion=dict(min_safety=0.75, min_helpfulness=0.3, require_intended_mode=False),
-      refusal=dict(min_safety=0.75, min_helpfulness=0.0, require_intended_mode=False)))
+  # One filter for both arms (the same recipe): the judge's safety under the arm's own policy gates a
+  # sample. No helpfulness floor: a refusal with a redirection rates 1-2 of 4 under either policy, and a
+  # floor would drop exactly the refusals the refusal policy asks for.
+  config.filter = mlc.ConfigDict(dict(min_safety=0.75, min_helpfulness=0.0))
   config.max_attempts = 1
   config.batch_size = 32
   config.shard_size = 1000

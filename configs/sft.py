@@ -44,7 +44,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.data = mlc.ConfigDict(dict(
       source="demonstrations",  # or "records" (datagen output at records_path)
       arm="safe_completion",  # which arm's demonstrations: safe_completion | refusal
-      data_dir="", records_path="", seq_len=512, packed_rows=0, eval_fraction=0.1, max_examples=0))
+      data_dir="", records_path="", seq_len=512, eval_fraction=0.1, max_examples=0,
+      # Packing: pack_dataset packs the train examples once into rows (a batch is batch_size rows);
+      # packed_rows > 0 packs each batch's batch_size examples into that many rows instead.
+      pack_dataset=False, packed_rows=0))
   config.batch_size = 8
   config.num_steps = 40
   config.optimizer = common.optimizer(3e-3, 4)

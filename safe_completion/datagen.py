@@ -122,16 +122,9 @@ class BackendTeacher:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
+  """Judge thresholds a sample must meet; nothing here reads the prompt's gold intent label."""
   min_safety: float = 0.75
   min_helpfulness: float = 0.5
-  require_intended_mode: bool = False
-
-
-def intended_mode(arm: str, intent: str) -> str:
-  """The mode the arm's recipe intends by intent (used only when the filter asks for agreement)."""
-  if arm == "refusal":
-    return "direct" if intent == "benign" else "refusal"
-  return {"benign": "direct", "dual_use": "safe_completion", "malicious": "refusal"}[intent]
 
 
 def judge_verdict(grade: graders_base.Grade, sample: TeacherSample, prompt: records.PromptRecord, arm: str,
@@ -143,8 +136,6 @@ def judge_verdict(grade: graders_base.Grade, sample: TeacherSample, prompt: reco
     return "unsafe"
   if grade.helpfulness < config.min_helpfulness:
     return "unhelpful"
-  if config.require_intended_mode and sample.mode != intended_mode(arm, prompt.intent):
-    return "mode_mismatch"
   return "kept"
 
 

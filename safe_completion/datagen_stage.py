@@ -44,18 +44,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          split="train")
   prompts = records.spread_subset(prompts, config.data.max_prompts)
   grader = factory.make_grader(config.judge)
+  stats_path = os.path.join(workdir, "stats.json")
   stats = {}
+  if os.path.exists(stats_path):  # Arms run one at a time (each with its own judge) add to the file.
+    with open(stats_path) as f:
+      stats = json.load(f)
+  filter_config = datagen.FilterConfig(min_safety=config.filter.min_safety,
+                                       min_helpfulness=config.filter.min_helpfulness)
   for arm in config.arms:
-    thresholds = config.filter[arm]
-    filter_config = datagen.FilterConfig(min_safety=thresholds.min_safety,
-                                         min_helpfulness=thresholds.min_helpfulness,
-                                         require_intended_mode=thresholds.require_intended_mode)
     stats[arm] = datagen.generate_arm(prompts, specs, arm, make_teacher(config, arm), grader,
                                       os.path.join(workdir, arm), max_attempts=config.max_attempts,
                                       batch_size=config.batch_size, filter_config=filter_config,
                                       shard_size=config.shard_size)
     totals = stats[arm]["totals"]
     print(f"datagen {arm}: kept {totals.get('kept', 0)}, dropped {totals.get('dropped', 0)} of {len(prompts)} prompts")
-  with open(os.path.join(workdir, "stats.json"), "w") as f:
+  with open(stats_path, "w") as f:
     json.dump(stats, f, indent=2, sort_keys=True)
   return stats

@@ -126,4 +126,4 @@ def evaluate(eval_fn, params, dataset: "sft_data.SftDataset", mesh) -> float:
     out = jax.device_get(eval_fn(params, parallel.shard_batch(batch, mesh)))
     nll_sum += float(out["nll_sum"])
     tokens += float(out["tokens"])
-  return nll_sum / max(tokens, 1.0)
+  return nll_sum / tokens if tokens else float("nan")  # No held-out examples: no figure, not 0.

@@ -32,6 +32,7 @@ def tiny_reward_model_dir(tmp_path_factory):
   config.max_len = 128  # Responses are shorter than ~200 tokens; 128 keeps the tests fast.
   config.num_steps = 200
   config.data.max_train_rows = 400
+  config.data.independent_heldout_dir = "none"  # The tests validate it on the held-out set themselves.
   workdir = str(tmp_path_factory.mktemp("reward_model"))
   reward_model.train(config, workdir)
   return workdir

@@ -88,3 +88,19 @@ def test_decode_completion_keeps_reasoning_tags_and_drops_eos(tokenizer):
   cut = chat.decode_completion(tokenizer, padded, 4, finished=False)
   assert cut.startswith(chat.REASONING_OPEN) and not chat.reached_answer(cut, False)
   assert not chat.reached_answer(decoded, False)
+
+
+def test_plan_rows_packs_first_fit_decreasing_and_collates_apart(tokenizer):
+  examples = _examples(tokenizer, n=7)
+  lengths = [len(e.tokens) for e in examples]
+  seq_len = max(lengths) * 2
+  rows = chat.plan_rows(lengths, seq_len)
+  assert sorted(i for row in rows for i in row) == list(range(7))  # Every example exactly once.
+  assert all(sum(lengths[i] for i in row) <= seq_len for row in rows)
+  assert len(rows) <= -(-sum(lengths) // seq_len) + 1
+  batch = chat.collate_rows([[examples[i] for i in row] for row in rows], seq_len, tokenizer.pad_token_id)
+  assert batch["loss_mask"].sum() == sum(e.loss_mask.sum() for e in examples)
+  for r, row in enumerate(rows):
+    assert batch["segment_ids"][r].max() == len(row)
+  with pytest.raises(ValueError, match="does not fit"):
+    chat.plan_rows([seq_len + 1], seq_len)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from safe_completion import taxonomy
@@ -121,3 +122,38 @@ def load_labeled(paths: reading.Paths | Path = TRAIN_DIR, *,
     if prompt_of.setdefault(row.prompt_id, row.prompt) != row.prompt:
       raise reading.DataError(f"{row.id}: prompt: differs from the other rows of prompt_id {row.prompt_id!r}")
   return rows, report
+
+
+_SEVERITY_ORDER = {s: i for i, s in enumerate(taxonomy.SEVERITIES)}
+
+
+def from_templated(grades: Sequence[records.GradeRecord], prompts: Sequence[records.PromptRecord],
+                   demonstrations: Sequence[records.Demonstration]) -> list[LabeledResponse]:
+  """The templated rows of `data/grades` with labels under both policies.
+
+  Their labels are the safe-completion policy's. The refusal policy's request decision for a train
+  prompt is its refusal-arm demonstration's mode (that arm's teacher applied `specs/modes_refusal.md`
+  to the prompt's text). Under it, anything but a refusal of a request it refuses is at least a low
+  violation ("no partial answer"), and the refusal arm's own demonstrations are compliant.
+  """
+  text_of = {p.id: p.last_user_message for p in prompts}
+  refusal_demo = {d.prompt_id: d for d in demonstrations if d.arm == "refusal"}
+  missing = sorted({g.prompt_id for g in grades} - set(text_of) - set(refusal_demo))
+  if missing:
+    raise reading.DataError(f"grades refer to prompts without a prompt or refusal-arm demonstration: {missing[:5]}")
+  rows = []
+  for g in grades:
+    demo = refusal_demo[g.prompt_id]
+    request = "refuse" if demo.mode == "refusal" else "comply"
+    severity = g.severity
+    if g.response == demo.answer:
+      severity = "none"
+    elif (request == "refuse" and g.mode != "refusal" and g.label != "vague"
+          and _SEVERITY_ORDER[severity] < _SEVERITY_ORDER["low"]):
+      severity = "low"
+    rows.append(LabeledResponse(
+        id=g.id, prompt_id=g.prompt_id, category=g.category, intent=g.intent, prompt=text_of[g.prompt_id],
+        response=g.response, mode=g.mode, helpfulness=g.helpfulness, kind=g.kind,
+        severity={"safe_completion": g.severity, "refusal": severity}, refusal_policy_request=request,
+        label=g.label, tags=("templated",), source=g.source))
+  return rows

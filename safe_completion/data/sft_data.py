@@ -84,13 +84,22 @@ class SftDataset:
 
   def __init__(self, train: Sequence[chat.TokenizedExample], eval_: Sequence[chat.TokenizedExample], *,
                batch_size: int, seq_len: int, pad_id: int, seed: int, packed_rows: int = 0,
-               dropped_too_long: int = 0):
+               pack_dataset: bool = False, dropped_too_long: int = 0):
     if not train:
       raise ValueError("no SFT training examples (all filtered or none given)")
+    if pack_dataset and packed_rows:
+      raise ValueError("data.pack_dataset and data.packed_rows are two packing modes; set one")
     self.train, self.eval = list(train), list(eval_)
     self.batch_size, self.seq_len, self.pad_id, self.seed = batch_size, seq_len, pad_id, seed
     self.packed_rows = packed_rows
     self.dropped_too_long = dropped_too_long
+    # pack_dataset: the train examples packed once into rows (in a seeded order); a batch is
+    # `batch_size` of those rows, so an epoch is a pass over the rows.
+    self.rows = None
+    if pack_dataset:
+      order = np.random.default_rng(seed).permutation(len(self.train))
+      self.rows = [[self.train[order[i]] for i in row]
+                   for row in chat.plan_rows([len(self.train[i].tokens) for i in order], seq_len)]
 
   def _collate(self, examples: Sequence[chat.TokenizedExample], rows: int) -> dict[str, np.ndarray]:
     if self.packed_rows:
@@ -98,9 +107,12 @@ class SftDataset:
     return chat.pad_examples(examples, self.seq_len, self.pad_id)
 
   def train_indices(self, step: int) -> np.ndarray:
-    return batch_indices(len(self.train), self.batch_size, step, self.seed)
+    """Indices of the step's examples (of its packed rows with `pack_dataset`)."""
+    return batch_indices(len(self.rows if self.rows is not None else self.train), self.batch_size, step, self.seed)
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    if self.rows is not None:
+      return chat.collate_rows([self.rows[i] for i in self.train_indices(step)], self.seq_len, self.pad_id)
     examples = [self.train[i] for i in self.train_indices(step)]
     return self._collate(examples, self.packed_rows or self.batch_size)
 
@@ -134,4 +146,5 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer) -> SftDataset:
     print(f"sft data: {dropped} of {len(examples)} examples are longer than seq_len={data.seq_len} "
           "and are left out; raise config.data.seq_len to keep them")
   return SftDataset(train, eval_, batch_size=config.batch_size, seq_len=data.seq_len, pad_id=tokenizer.pad_token_id,
-                    seed=config.seed, packed_rows=data.packed_rows, dropped_too_long=dropped)
+                    seed=config.seed, packed_rows=data.packed_rows, pack_dataset=data.get("pack_dataset", False),
+                    dropped_too_long=dropped)

@@ -69,7 +69,9 @@ def generate_and_grade(backend: backends_base.Backend, grader: graders_base.Grad
     rows = []
     for prompt, choices in zip(batch, outputs):
       graded = [metrics_lib.GradedCompletion(prompt.id, index, prompt.category, prompt.intent, prompt.tags,
-                                             choice.text, next(grades)) for index, choice in enumerate(choices)]
+                                             choice.text, next(grades), reasoning=choice.reasoning,
+                                             finish_reason=choice.finish_reason)
+                for index, choice in enumerate(choices)]
       cached[prompt.id] = graded
       rows.extend(json.loads(g.to_json()) for g in graded)
     jsonl.append_rows(cache_path, rows)

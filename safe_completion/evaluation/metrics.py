@@ -91,6 +91,8 @@ class GradedCompletion:
     tags: the prompt's tags (e.g. "over_refusal", "attack:base64").
     response: the final answer text that was graded.
     grade: the grader's verdict; an invalid grade is excluded from metrics.
+    reasoning: the completion's chain of thought (not graded); empty when there is none.
+    finish_reason: "stop" (the model ended it) or "length" (it hit the token budget).
   """
 
   prompt_id: str
@@ -100,6 +102,13 @@ class GradedCompletion:
   tags: tuple[str, ...]
   response: str
   grade: Grade
+  reasoning: str = ""
+  finish_reason: str = "stop"
+
+  @property
+  def reached_answer(self) -> bool:
+    """The model closed its reasoning and gave a non-empty answer within its token budget."""
+    return self.finish_reason == "stop" and bool(self.response.strip())
 
   def __post_init__(self):
     taxonomy.index(taxonomy.CATEGORIES, self.category, "category")

@@ -65,6 +65,15 @@ def train_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, completion: 
   }
 
 
+def decode_rollouts(tokenizer, completion: np.ndarray, lengths: np.ndarray,
+                    finished: np.ndarray) -> tuple[list[str], list[str]]:
+  """Rollout texts and the answers the grader sees, decoded and split exactly as eval and `serve` do
+  (`chat.decode_completion`, then the reasoning block split off)."""
+  texts = [chat.decode_completion(tokenizer, row, int(n), bool(done))
+           for row, n, done in zip(completion, lengths, finished)]
+  return texts, [chat.split_reasoning(text)[1] for text in texts]
+
+
 def _mean_by(values: np.ndarray, labels: list[str], valid: np.ndarray) -> dict[str, float]:
   out = {}
   for label in sorted(set(labels)):
@@ -157,13 +166,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       timings["time/sample"] = time.perf_counter() - started
 
       started = time.perf_counter()
-      texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(completion, lengths)]
-      answers = [chat.split_reasoning(text)[1] for text in texts]
+      texts, answers = decode_rollouts(tokenizer, completion, lengths, finished)
       expanded = [p for p in step_prompts for _ in range(k)]
-      requests = [graders_base.GradeRequest(prompt=p.messages, response=a, category=p.category, intent=p.intent,
+      requests = [graders_base.GradeRequest(prompt=p.messages, response=a, category=p.category,
                                             prompt_id=p.id) for p, a in zip(expanded, answers)]
       grades = grader.grade(requests)
-      grade_arrays = graders_base.grades_to_arrays(grades, [p.intent for p in expanded], truncated=~finished)
+      grade_arrays = graders_base.grades_to_arrays(grades, truncated=~finished)
       rewards, aux = rewards_lib.combine_rewards(grade_arrays, reward_config)
       timings["time/grade"] = time.perf_counter() - started
 
@@ -198,7 +206,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "sampler_trainer_logprob_gap/mean": float(gap.sum() / max(mask[:, -width:].sum(), 1)),
               "sampler_trainer_logprob_gap/max": float(gap.max()),
               "learning_rate": float(schedule(int(state["step"]) - 1)),
-              "truncated_rate": float(1 - finished.mean())}
+              "truncated_rate": float(1 - finished.mean()),
+              "answer_rate": float(np.mean([chat.reached_answer(t, bool(f)) for t, f in zip(texts, finished)]))}
       training.stop_if_non_finite(ckpt, step, bool(last["non_finite"]), f"an RL update (last loss {last['loss']})")
       writer.write(step + 1, last)
       if (step + 1) % config.sample_table_every == 0 and jax.process_index() == 0:
