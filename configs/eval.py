@@ -38,7 +38,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.grader = mlc.ConfigDict(dict(kind="reward_model", reward_model_dir="",
                                       keyword="", saturation=4, endpoint=common.endpoint(),
                                       arm="safe_completion"))
-  config.data = mlc.ConfigDict(dict(prompts_path="", split="eval", categories=(), max_prompts=0))
+  # format: "prompts" (our JSONL) or a benchmark's published file (docs/benchmarks.md), whose rows get `split`.
+  config.data = mlc.ConfigDict(dict(prompts_path="", format="prompts", split="eval", categories=(), max_prompts=0,
+                                    skip_unmapped=False, hf_split=""))
   config.samples_per_prompt = 4  # As the paper: 4 completions per prompt.
   config.sampling = mlc.ConfigDict(dict(max_tokens=96, temperature=1.0, top_p=1.0))
   config.batch_size = 32

@@ -301,8 +301,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   eval_grader_config = resolve_grader(config.eval.grader, config.eval.grader_policy, workdir)
   graders = {"eval": factory.make_grader(eval_grader_config)}
-  all_prompts, _ = records.load_prompts(config.eval.data.prompts_path or records.DEFAULT_DATA_DIR / "prompts")
-  prompts = {p.id: p for p in all_prompts}
+  own_prompts = config.eval.data.format == "prompts" and config.eval.data.prompts_path
+  all_prompts, _ = records.load_prompts(own_prompts or records.DEFAULT_DATA_DIR / "prompts")
+  prompts = {p.id: p for p in [*all_prompts, *evaluate.eval_prompts(config.eval)]}  # Benchmark ids differ from ours.
   runs = {arm: [_train_arm_seed(config, workdir, arm, i, graders, timer) for i in range(config.seeds)]
           for arm in ARMS}
   run_dirs = {arm: [run_dir for run_dir, _ in runs[arm]] for arm in ARMS}

@@ -17,6 +17,7 @@ import tqdm
 
 from safe_completion import jsonl
 from safe_completion.backends import base as backends_base
+from safe_completion.data import benchmarks
 from safe_completion.data import records
 from safe_completion.evaluation import attacks as attacks_lib
 from safe_completion.evaluation import metrics as metrics_lib
@@ -88,9 +89,18 @@ def llm_rewriter(backend: backends_base.Backend):
 
 
 def eval_prompts(config: ml_collections.ConfigDict) -> list[records.PromptRecord]:
-  prompts, _ = records.load_prompts(config.data.prompts_path or records.DEFAULT_DATA_DIR / "prompts",
-                                    split=config.data.split, categories=config.data.categories or None)
-  return records.spread_subset(prompts, config.data.max_prompts)
+  """The eval prompts: ours of `data.split`, or a benchmark file imported as that split."""
+  data = config.data
+  if data.format == "prompts":
+    prompts, _ = records.load_prompts(data.prompts_path or records.DEFAULT_DATA_DIR / "prompts",
+                                      split=data.split, categories=data.categories or None)
+  else:
+    if not data.prompts_path:
+      raise ValueError(f"data.format={data.format!r} needs data.prompts_path: your local copy of the benchmark")
+    prompts, _ = benchmarks.load_benchmark(data.prompts_path, data.format, split=data.split,
+                                           skip_unmapped=data.skip_unmapped, hf_split=data.hf_split)
+    prompts = [p for p in prompts if not data.categories or p.category in data.categories]
+  return records.spread_subset(prompts, data.max_prompts)
 
 
 def evaluate_model(config: ml_collections.ConfigDict, workdir: str, backend: backends_base.Backend,
