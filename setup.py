@@ -1,4 +1,4 @@
-"""Install with `pip install -e .[test]` (CPU) or `pip install -e .[tpu]` on TPU VMs."""
+"""Install with `pip install -e .[test]` (CPU), `pip install -e .[tpu]` on TPU VMs or `pip install -e .[cuda]` on GPUs."""
 
 import setuptools
 
@@ -32,6 +32,7 @@ EXTRAS_REQUIRE = {
     "torch": ["torch==2.13.0"],
     "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
     "tpu": ["jax[tpu]"],
+    "cuda": ["jax[cuda12]"],  # NVIDIA GPUs (docs/gpu.md).
 }
 
 setuptools.setup(

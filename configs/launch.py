@@ -16,7 +16,7 @@ DEVICE_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0, "h100": 80.
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-  """A TPU slice: what `gcloud` creates and what the mesh sees."""
+  """A TPU slice: what `gcloud` creates and what the mesh sees (a GPU host: only the latter)."""
 
   accelerator_type: str
   runtime_version: str
@@ -39,6 +39,11 @@ SLICES = {
     "v6e-8": Slice("v6e-8", "v2-alpha-tpuv6e", "us-east5-b", "v6e", devices=8, hosts=1, mesh=(1, -1, 1)),
 }
 
+# Single GPU hosts, for `safe_completion.plan` only: launch/tpu.py creates TPU slices, not these.
+GPU_HOSTS = {
+    "h100x8": Slice("", "", "", "h100", devices=8, hosts=1, mesh=(1, -1, 1)),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelPreset:
@@ -57,9 +62,11 @@ MODEL_PRESETS = {
 
 
 def get_slice(name: str) -> Slice:
-  if name not in SLICES:
-    raise ValueError(f"unknown slice {name!r}; choose one of {sorted(SLICES)}")
-  return SLICES[name]
+  """A TPU slice or a GPU host by name."""
+  slices = {**SLICES, **GPU_HOSTS}
+  if name not in slices:
+    raise ValueError(f"unknown slice {name!r}; choose one of {sorted(slices)}")
+  return slices[name]
 
 
 def get_model_preset(name: str) -> ModelPreset:

@@ -302,7 +302,8 @@ def launch_mesh(model: str, slice_name: str | None) -> tuple[int, ...] | None:
 
 _MODEL = flags.DEFINE_string("model", "llama3_8b", "Model preset of configs/common.py.")
 _STAGE = flags.DEFINE_enum("stage", "sft", ["sft", "rl"], "Which step to plan.")
-_SLICE = flags.DEFINE_string("slice", None, f"TPU slice preset {sorted(launch_presets.SLICES)}: devices, HBM, mesh.")
+_SLICE = flags.DEFINE_string("slice", None, f"TPU slice or GPU host {sorted(launch_presets.SLICES)} "
+                             f"{sorted(launch_presets.GPU_HOSTS)}: devices, HBM, mesh.")
 _MESH = flags.DEFINE_list("mesh", None, "Mesh shape data,fsdp,tensor (-1 = the rest); default: stage preset or slice.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Number of devices; default: the slice's.")
 _HBM = flags.DEFINE_float("hbm_gib", None, "HBM per device, GiB; default: the slice's or --device_kind's.")

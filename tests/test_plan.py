@@ -1,9 +1,13 @@
 """The memory plan: exact param/cache bytes from real shapes and shardings, the table, the fit verdict."""
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
+from configs import launch as launch_presets
 from safe_completion import parallel
 from safe_completion import plan
 from safe_completion.models import transformer
@@ -114,3 +118,16 @@ def test_rl_plan_counts_the_samplers_per_layer_weight_copy():
   big = plan.make_plan("llama3_8b", (1, -1, 1), 4, hbm_gib=95, batch_size=8, seq_len=2048, stage="rl", rl_batch=32,
                        max_new_tokens=1024)
   assert 6.0 < {r.name: r for r in big.rows}["sampler weights (rollout)"].nbytes / plan.GIB < 7.5
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_h100_host_plans_fsdp_over_its_8_gpus(stage):
+  host = launch_presets.get_slice("h100x8")
+  assert (host.devices, host.hbm_gib) == (8, 80.0)
+  command = [sys.executable, "-m", "safe_completion.plan", "--model=llama3_8b", "--slice=h100x8", f"--stage={stage}"]
+  text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+  assert "on 8 devices (mesh data=1,fsdp=8,tensor=1)" in text and "HBM                                80.00" in text
+  assert "fits:" in text and "does not fit" not in text
+  # Params are split 8 ways: the same bytes as planning the mesh directly.
+  params = plan.param_stats(plan.model_config("llama3_8b"), plan.axis_sizes((1, -1, 1), 8))
+  assert f"params                              {params.bytes_per_device / plan.GIB:.2f}" in text
