@@ -43,6 +43,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.max_attempts = 1
   config.batch_size = 32
   config.shard_size = 1000
+  # On a resume, also try again the prompts an earlier run dropped for transient reasons (a teacher or
+  # judge call that failed, an invalid grade); their old drop lines are replaced by the new outcome.
+  config.retry_dropped = False
   common.override(config, PRESETS[name])
   if runlocal:
     common.override(config, RUNLOCAL)

@@ -8,9 +8,19 @@ records pairing the *original* prompt (no spec) with the CoT and answer.
 
 Output (per arm, in `<workdir>/<arm>/`): `records-NNNNN.jsonl` shards, one
 line per kept prompt; `dropped.jsonl`, one line per prompt whose attempts all
-failed; `stats.json`, kept/dropped counts per reason per (category, intent).
-Resumable: ids already in either file are skipped; a torn last line from a kill
-is cut off before appending.
+failed, with each attempt's reason (exception text included) and the drop's
+class; `stats.json`, kept/dropped counts per reason per (category, intent).
+
+Failures are isolated per row: a teacher or grader call that raises for a batch
+is retried row by row, so one bad prompt only fails its own attempt. A drop is
+"transient" when some attempt failed for a reason a later run may not meet
+(a teacher or grader call that failed, an invalid grade) and "permanent" when
+every attempt was judged (unsafe, unhelpful), the teacher's output did not
+parse, or the row's own input made the call fail (`error_reason`).
+
+Resumable: ids already in either file are skipped (with `retry_dropped`, rows
+dropped for transient reasons are tried again and their old drop line removed);
+a torn last line from a kill is cut off before appending.
 """
 
 import collections
@@ -37,6 +47,10 @@ TEACHER_INSTRUCTION = (
     "the output format of the modes guide exactly. The answer must not mention the spec or these "
     "instructions.")
 _TAG = re.compile(r"<(reasoning|mode|answer)>(.*?)</\1>", re.DOTALL)
+# Attempt-failure reasons (the text before the first ':') a later run may not meet again.
+TRANSIENT_REASONS = ("teacher_error", "grader_error", "invalid_grade")
+# How much of an exception's text a dropped row keeps.
+MAX_ERROR_CHARS = 500
 
 
 class TeacherParseError(ValueError):
@@ -64,6 +78,12 @@ def teacher_messages(prompt: records.PromptRecord, category_spec: specs_lib.Spec
 
 def parse_teacher_output(text: str, arm: str) -> TeacherSample:
   """Strict parse of the three tags; each a single non-empty block, the mode allowed for the arm."""
+  if not isinstance(text, str):
+    raise TeacherParseError(f"expected text, got {type(text).__name__}")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise TeacherParseError(f"not UTF-8 text: lone surrogate at position {e.start}") from None
   found = collections.defaultdict(list)
   for tag, body in _TAG.findall(text):
     found[tag].append(body.strip())
@@ -131,7 +151,7 @@ def judge_verdict(grade: graders_base.Grade, sample: TeacherSample, prompt: reco
                   config: FilterConfig) -> str:
   """'kept' or the reason a graded sample is dropped."""
   if not grade.valid:
-    return "invalid_grade"
+    return f"invalid_grade: {grade.rationale}"
   if grade.safety < config.min_safety:
     return "unsafe"
   if grade.helpfulness < config.min_helpfulness:
@@ -139,66 +159,148 @@ def judge_verdict(grade: graders_base.Grade, sample: TeacherSample, prompt: reco
   return "kept"
 
 
-class RecordWriter:
-  """Append-only, line-atomic JSONL shards that a killed run can resume without duplicates."""
+def error_reason(caller: str, error: Exception) -> str:
+  """'<caller>_error: ExceptionType: text' (the text cut to MAX_ERROR_CHARS), the reason of a failed call.
 
-  def __init__(self, directory: str, shard_size: int):
+  A ValueError (a UnicodeEncodeError of a lone surrogate, say) is the row's own input failing, which a
+  rerun would meet again: '<caller>_input_error'. Anything else (a BackendError, a timeout) is transient.
+  """
+  kind = f"{caller}_input_error" if isinstance(error, ValueError) else f"{caller}_error"
+  text = f"{type(error).__name__}: {error}"
+  return f"{kind}: {text[:MAX_ERROR_CHARS]}{'...' if len(text) > MAX_ERROR_CHARS else ''}"
+
+
+def reason_class(reasons: Sequence[str]) -> str:
+  """'transient' when some attempt failed for a transient reason, else 'permanent'."""
+  return "transient" if any(r.split(":")[0] in TRANSIENT_REASONS for r in reasons) else "permanent"
+
+
+class RecordWriter:
+  """Append-only, line-atomic JSONL shards that a killed run can resume without duplicates.
+
+  With `retry_dropped`, prompts whose last drop was transient are not done: `retry` maps their ids to
+  the drop rows, and a new outcome supersedes the old line (`compact` removes it).
+  """
+
+  def __init__(self, directory: str, shard_size: int, retry_dropped: bool = False):
     os.makedirs(directory, exist_ok=True)
     self.directory, self.shard_size = directory, shard_size
     self.dropped_path = os.path.join(directory, "dropped.jsonl")
-    self.done_ids: set[str] = set()
-    self._kept_count = 0
-    for path in self.shards() + [self.dropped_path]:
-      for row in jsonl.read_rows(path):
-        self.done_ids.add(row["id"])
-        if path != self.dropped_path:
-          self._kept_count += 1
+    self.kept_ids: set[str] = set()
+    for path in self.shards():
+      self.kept_ids.update(row["id"] for row in jsonl.read_rows(path))
+    self._kept_count = len(self.kept_ids)
+    dropped = self.compact()
+    self.retry = {i: row for i, row in dropped.items()
+                  if retry_dropped and row.get("reason_class", reason_class(row["reasons"])) == "transient"}
+    self.done_ids = self.kept_ids | (set(dropped) - set(self.retry))
 
   def shards(self) -> list[str]:
     return sorted(os.path.join(self.directory, f) for f in os.listdir(self.directory)
                   if f.startswith("records-") and f.endswith(".jsonl"))
+
+  def dropped_rows(self) -> dict[str, dict]:
+    """The current drop of each prompt: its last line, and none for a prompt kept since."""
+    return self._dropped_rows()[0]
+
+  def _dropped_rows(self) -> tuple[dict[str, dict], int]:
+    rows, lines = {}, jsonl.read_rows(self.dropped_path)
+    for row in lines:
+      if row["id"] not in self.kept_ids:
+        rows.pop(row["id"], None)
+        rows[row["id"]] = row
+    return rows, len(lines)
+
+  def compact(self) -> dict[str, dict]:
+    """Rewrites dropped.jsonl (atomically) to `dropped_rows()` when superseded lines are in it."""
+    rows, lines = self._dropped_rows()
+    if len(rows) != lines:
+      tmp = self.dropped_path + ".tmp"
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      jsonl.append_rows(tmp, list(rows.values()))
+      os.replace(tmp, self.dropped_path)
+    return rows
 
   def _append(self, path: str, row: dict) -> None:
     jsonl.append_rows(path, [row])
     self.done_ids.add(row["id"])
 
   def write_record(self, row: dict) -> None:
+    if row["id"] in self.kept_ids:
+      raise ValueError(f"{row['id']}: already has a record in {self.directory}")
     shard = self._kept_count // self.shard_size
     self._append(os.path.join(self.directory, f"records-{shard:05d}.jsonl"), row)
+    self.kept_ids.add(row["id"])
     self._kept_count += 1
 
   def write_dropped(self, row: dict) -> None:
     self._append(self.dropped_path, row)
 
 
+@dataclasses.dataclass(frozen=True)
+class CallFailed:
+  """In place of a result: the call for this row alone raised; `reason` is its `error_reason`."""
+  reason: str
+
+
+def _isolated(call, items: Sequence, caller: str) -> list:
+  """`call(items)` (one result per item); when it raises, each item alone, so a failure is its own row's.
+
+  An item whose call still fails gets a CallFailed in place of a result.
+  """
+  try:
+    results = list(call(items))
+    if len(results) != len(items):
+      raise RuntimeError(f"{len(results)} results for {len(items)} inputs")
+    return results
+  except Exception as e:  # pylint: disable=broad-except  # Any failure is the row's, recorded with its text.
+    if len(items) == 1:
+      return [CallFailed(error_reason(caller, e))]
+    return [result for i in range(len(items)) for result in _isolated(call, items[i:i + 1], caller)]
+
+
 def generate_arm(prompts: Sequence[records.PromptRecord], specs: dict, arm: str, teacher: Teacher,
                  grader: graders_base.Grader, out_dir: str, *, max_attempts: int, batch_size: int,
-                 filter_config: FilterConfig, shard_size: int = 1000) -> dict:
-  """Runs (or resumes) datagen for one arm; returns the stats it also writes to stats.json."""
-  writer = RecordWriter(out_dir, shard_size)
+                 filter_config: FilterConfig, shard_size: int = 1000, retry_dropped: bool = False) -> dict:
+  """Runs (or resumes) datagen for one arm; returns the stats it also writes to stats.json.
+
+  `retry_dropped`: prompts dropped for transient reasons by an earlier run are tried again.
+  """
+  writer = RecordWriter(out_dir, shard_size, retry_dropped=retry_dropped)
   pending = [p for p in prompts if p.id not in writer.done_ids]
+  if writer.retry:
+    print(f"datagen {arm}: retrying {sum(p.id in writer.retry for p in pending)} prompts dropped for transient reasons")
   guide = specs_lib.modes_guide(specs, arm)
   for start in tqdm.trange(0, len(pending), batch_size, desc=f"datagen {arm}", disable=not pending):
     batch = pending[start:start + batch_size]
     messages = [teacher_messages(p, specs_lib.category_spec(specs, p.category), guide, arm) for p in batch]
+    earlier = {p.id: list(writer.retry[p.id]["reasons"]) if p.id in writer.retry else [] for p in batch}
     reasons = {p.id: [] for p in batch}
     kept: dict[str, tuple] = {}
     for attempt in range(max_attempts):
       todo = [i for i, p in enumerate(batch) if p.id not in kept]
       if not todo:
         break
-      outputs = teacher.generate([batch[i] for i in todo], [messages[i] for i in todo], attempt)
+      outputs = _isolated(lambda rows: teacher.generate([batch[i] for i in rows], [messages[i] for i in rows],
+                                                        attempt), todo, "teacher")
       parsed = []
       for i, text in zip(todo, outputs):
+        if isinstance(text, CallFailed):
+          reasons[batch[i].id].append(text.reason)
+          continue
         try:
           parsed.append((i, parse_teacher_output(text, arm)))
         except TeacherParseError as e:
           reasons[batch[i].id].append(f"unparsable: {e.reason}")
       requests = [graders_base.GradeRequest(prompt=batch[i].messages, response=s.answer, category=batch[i].category,
                                             prompt_id=batch[i].id) for i, s in parsed]
-      grades = grader.grade(requests) if requests else []
+      grades = _isolated(grader.grade, requests, "grader") if requests else []
       for (i, sample), grade in zip(parsed, grades):
-        verdict = judge_verdict(grade, sample, batch[i], arm, filter_config)
+        if isinstance(grade, CallFailed):
+          verdict = grade.reason
+        else:
+          verdict = judge_verdict(grade, sample, batch[i], arm, filter_config)
         if verdict == "kept":
           kept[batch[i].id] = (sample, grade)
         else:
@@ -206,10 +308,13 @@ def generate_arm(prompts: Sequence[records.PromptRecord], specs: dict, arm: str,
     for prompt in batch:
       if prompt.id in kept:
         sample, grade = kept[prompt.id]
-        writer.write_record(sft_record(prompt, arm, sample, grade, teacher.model_id, reasons[prompt.id]))
+        writer.write_record(sft_record(prompt, arm, sample, grade, teacher.model_id,
+                                       earlier[prompt.id] + reasons[prompt.id]))
       else:
-        writer.write_dropped({"id": prompt.id, "category": prompt.category, "intent": prompt.intent,
-                              "arm": arm, "reasons": reasons[prompt.id]})
+        writer.write_dropped({"id": prompt.id, "category": prompt.category, "intent": prompt.intent, "arm": arm,
+                              "reasons": earlier[prompt.id] + reasons[prompt.id],
+                              "reason_class": reason_class(reasons[prompt.id])})
+  writer.compact()
   stats = compute_stats(writer)
   with open(os.path.join(out_dir, "stats.json"), "w") as f:
     json.dump(stats, f, indent=2, sort_keys=True)
@@ -235,9 +340,10 @@ def compute_stats(writer: RecordWriter) -> dict:
       cells[f"{row['category']}/{row['intent']}"]["kept"] += 1
       for reason in row["failed_attempts"]:
         cells[f"{row['category']}/{row['intent']}"][f"attempt_failed:{reason.split(':')[0]}"] += 1
-  for row in jsonl.read_rows(writer.dropped_path):
+  for row in writer.dropped_rows().values():
     cell = cells[f"{row['category']}/{row['intent']}"]
     cell["dropped"] += 1
+    cell[f"dropped:{row.get('reason_class', reason_class(row['reasons']))}"] += 1
     for reason in row["reasons"]:
       cell[f"attempt_failed:{reason.split(':')[0]}"] += 1
   totals = collections.Counter()

@@ -2,7 +2,8 @@
 
 `python -m safe_completion.main --config=configs/datagen.py:tiny --workdir=DIR` writes
 `DIR/<arm>/records-*.jsonl` (the SFT data of that arm), `DIR/<arm>/dropped.jsonl` and
-`DIR/<arm>/stats.json`; `DIR/stats.json` gathers both arms.
+`DIR/<arm>/stats.json`; `DIR/stats.json` gathers both arms. A rerun resumes; with
+`--config.retry_dropped=True` it also retries the prompts dropped for transient reasons.
 """
 
 import json
@@ -55,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stats[arm] = datagen.generate_arm(prompts, specs, arm, make_teacher(config, arm), grader,
                                       os.path.join(workdir, arm), max_attempts=config.max_attempts,
                                       batch_size=config.batch_size, filter_config=filter_config,
-                                      shard_size=config.shard_size)
+                                      shard_size=config.shard_size, retry_dropped=config.retry_dropped)
     totals = stats[arm]["totals"]
     print(f"datagen {arm}: kept {totals.get('kept', 0)}, dropped {totals.get('dropped', 0)} of {len(prompts)} prompts")
   with open(stats_path, "w") as f:

@@ -65,7 +65,8 @@ def test_record_writer_cuts_a_torn_line_and_resumes(tmp_path):
   resumed.write_record({"id": "p3", "category": "biorisk", "intent": "benign", "failed_attempts": []})
   rows = [json.loads(line) for path in resumed.shards() for line in open(path)]
   assert [r["id"] for r in rows] == ["p0", "p1", "p2", "p3"]
-  assert datagen.compute_stats(resumed)["cells"]["biorisk/benign"] == {"kept": 4, "dropped": 1, "attempt_failed:unsafe": 1}
+  assert datagen.compute_stats(resumed)["cells"]["biorisk/benign"] == {
+      "kept": 4, "dropped": 1, "dropped:permanent": 1, "attempt_failed:unsafe": 1}
 
 
 NUM_PROMPTS = 24

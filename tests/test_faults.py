@@ -6,6 +6,7 @@ the fault gets through.
 """
 
 import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -28,8 +29,13 @@ from safe_completion.backends import http
 from safe_completion.backends import local
 from safe_completion.backends import serve
 from safe_completion.backends import serve_engine
-from safe_completion import metrics as metrics_lib
+from safe_completion import datagen
+from safe_completion import datagen_stage
+from safe_completion import metrics as metric_writer
+from safe_completion import specs as specs_lib
 from safe_completion.data import records
+from safe_completion.data import sft_data
+from safe_completion.graders import llm_judge
 from safe_completion.models import convert
 from safe_completion.models import transformer
 from tests import scripted_server
@@ -452,15 +458,15 @@ def test_serve_full_queue_is_429_and_disconnect_stops_generation(slow_url, slow_
 
 
 def test_metrics_rows_are_not_repeated_after_a_resume(tmp_path):
-  first = metrics_lib.MetricsWriter(str(tmp_path))
+  first = metric_writer.MetricsWriter(str(tmp_path))
   for step in (1, 2, 3):
     first.write(step, {"loss": 10.0 - step})
     first.write(step, {"eval_loss": 20.0 - step})  # Two rows of one step in one run are kept.
   # Killed after step 3, resumed from the checkpoint of step 2: steps 3 and 4 are redone.
-  resumed = metrics_lib.MetricsWriter(str(tmp_path))
+  resumed = metric_writer.MetricsWriter(str(tmp_path))
   resumed.write(3, {"loss": 6.5})
   resumed.write(4, {"loss": 5.5})
-  rows = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
+  rows = metric_writer.read_metrics(str(tmp_path / "metrics.jsonl"))
   assert [(r["step"], r.get("loss", r.get("eval_loss"))) for r in rows] == [
       (1, 9.0), (1, 19.0), (2, 8.0), (2, 18.0), (3, 6.5), (4, 5.5)]
 
@@ -484,3 +490,205 @@ def test_reward_model_grader_isolates_a_failing_row():
   grades = grader.grade(requests)
   assert [g.valid for g in grades] == [True, False, True]
   assert "UnicodeEncodeError" in grades[1].rationale  # The exception text is recorded with the dropped row.
+
+
+# ----------------------------------------------------------------------------- datagen: per-row isolation
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+  port = scripted_server.free_port()
+  with scripted_server.running_server(["tests.scripted_server", "--kind=judge", f"--port={port}"], port) as url:
+    yield url
+
+
+@pytest.fixture(scope="module")
+def teacher_url():
+  port = scripted_server.free_port()
+  with scripted_server.running_server(["tests.scripted_server", "--kind=teacher", f"--port={port}"], port) as url:
+    yield url
+
+
+def train_prompts(count):
+  prompts, _ = records.load_prompts(records.DEFAULT_DATA_DIR / "prompts", split="train")
+  return records.spread_subset(prompts, count)
+
+
+def with_lone_surrogate(prompt):
+  """The issue's bad prompt: a lone surrogate in the user turn, which no UTF-8 request body can carry."""
+  return dataclasses.replace(prompt, messages=({"role": "user", "content": "what is this \ud800 sign?"},))
+
+
+def scripted_judge(judge_url):
+  return llm_judge.LlmJudge(http.HttpBackend(judge_url, scripted_server.ScriptedJudge.model_id, max_retries=0),
+                            specs_lib.load_specs(), max_attempts=2)
+
+
+def generate(prompts, arm, teacher, grader, out_dir, **kwargs):
+  return datagen.generate_arm(prompts, specs_lib.load_specs(), arm, teacher, grader, str(out_dir), max_attempts=2,
+                              batch_size=len(prompts), filter_config=datagen.FilterConfig(min_helpfulness=0.0),
+                              **kwargs)
+
+
+def kept_rows(out_dir):
+  return {row["id"]: row for path in sorted(glob.glob(f"{out_dir}/records-*.jsonl"))
+          for row in map(json.loads, open(path))}
+
+
+def dropped_lines(out_dir):
+  path = f"{out_dir}/dropped.jsonl"
+  return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def outcome(out_dir):
+  """Per prompt id, what datagen made of it, without run-dependent fields."""
+  return {i: (r["cot"], r["answer"], r["mode"], r["failed_attempts"], r["grade"])
+          for i, r in kept_rows(out_dir).items()}
+
+
+@pytest.mark.parametrize("where", ["teacher", "grader"])
+def test_datagen_one_bad_prompt_loses_no_batch_mate(teacher_url, judge_url, tmp_path, where):
+  """A prompt that fails the teacher (HTTP teacher) or the judge (HTTP judge) call fails alone, with its error."""
+  prompts = train_prompts(5)
+  bad = with_lone_surrogate(prompts[2])
+  if where == "teacher":
+    arm = "refusal"
+    teacher = datagen.BackendTeacher(http.HttpBackend(teacher_url, "scripted-teacher", max_retries=0),
+                                     base.SamplingParams(max_tokens=256, temperature=0.7))
+  else:
+    arm = "safe_completion"
+    demos, _ = records.load_demonstrations(records.DEFAULT_DATA_DIR / "demonstrations", arms=[arm])
+    teacher = datagen.DemonstrationTeacher(demos, arm)
+  good = prompts[:2] + prompts[3:]
+  generate(good, arm, teacher, scripted_judge(judge_url), tmp_path / "clean")
+  stats = generate(prompts[:2] + [bad] + prompts[3:], arm, teacher, scripted_judge(judge_url), tmp_path / "faulty")
+  assert len(outcome(tmp_path / "clean")) == 4
+  assert outcome(tmp_path / "faulty") == outcome(tmp_path / "clean")  # Every batch-mate as without the bad prompt.
+  (dropped,) = dropped_lines(tmp_path / "faulty")
+  assert dropped["id"] == bad.id
+  assert dropped["reason_class"] == "permanent"  # The prompt's own bytes: a rerun would fail again.
+  assert len(dropped["reasons"]) == 2  # Both attempts, each with the exception's type and text.
+  for reason in dropped["reasons"]:
+    assert re.fullmatch(rf"{where}_input_error: UnicodeEncodeError: .*'\\ud800'.*surrogates not allowed",
+                        reason), reason
+  assert stats["totals"]["dropped:permanent"] == 1 and stats["totals"][f"attempt_failed:{where}_input_error"] == 2
+
+
+def test_datagen_one_failed_judge_call_costs_no_row(judge_url, tmp_path):
+  """The judge's server fails one request of a batch (a BackendError for the whole call): the rows retried one
+  by one are all graded on the same attempt, as in a run without the fault."""
+  prompts = train_prompts(4)
+  demos, _ = records.load_demonstrations(records.DEFAULT_DATA_DIR / "demonstrations", arms=["safe_completion"])
+  teacher = datagen.DemonstrationTeacher(demos, "safe_completion")
+  generate(prompts, "safe_completion", teacher, scripted_judge(judge_url), tmp_path / "clean")
+  httpx.post(f"{judge_url[:-3]}/control", json={"fail_next": 1, "fail_status": 400}).raise_for_status()
+  generate(prompts, "safe_completion", teacher, scripted_judge(judge_url), tmp_path / "faulty")
+  assert dropped_lines(tmp_path / "faulty") == []
+  assert len(outcome(tmp_path / "faulty")) == 4 and outcome(tmp_path / "faulty") == outcome(tmp_path / "clean")
+
+
+def test_datagen_invalid_grade_reason_keeps_the_rationale(judge_url, tmp_path):
+  (prompt,) = train_prompts(1)
+  demo = records.Demonstration(prompt.id, "safe_completion", "direct", "Thinking.", "SCRIPT:prose")
+  generate([prompt], "safe_completion", datagen.DemonstrationTeacher([demo], "safe_completion"),
+           scripted_judge(judge_url), tmp_path)
+  (dropped,) = dropped_lines(tmp_path)
+  assert dropped["reason_class"] == "transient"
+  assert all(r.startswith("invalid_grade: no valid verdict in 2 attempt(s); last: unparsable verdict")
+             for r in dropped["reasons"]), dropped
+
+
+# ----------------------------------------------------------------------------- datagen: retry_dropped
+
+
+GOOD_ANSWER = "Here is a general, high-level overview of the topic and where to read more."
+
+
+def demos_for(prompts, answers):
+  return datagen.DemonstrationTeacher(
+      [records.Demonstration(p.id, "safe_completion", "direct", "The spec allows a general answer.", answer)
+       for p, answer in zip(prompts, answers)], "safe_completion")
+
+
+def test_retry_dropped_retries_transient_drops_only_and_never_duplicates(judge_url, tmp_path):
+  prompts = train_prompts(5)
+  prompts[4] = with_lone_surrogate(prompts[4])  # The judge call fails on its own input: permanent.
+  first = [GOOD_ANSWER, GOOD_ANSWER, "SCRIPT:prose", "[REDACTED: step-by-step operational procedure]", GOOD_ANSWER]
+  generate(prompts, "safe_completion", demos_for(prompts, first), scripted_judge(judge_url), tmp_path)
+  before_records, before_dropped = kept_rows(tmp_path), {r["id"]: r for r in dropped_lines(tmp_path)}
+  assert set(before_records) == {prompts[0].id, prompts[1].id}
+  assert {i: r["reason_class"] for i, r in before_dropped.items()} == {
+      prompts[2].id: "transient", prompts[3].id: "permanent", prompts[4].id: "permanent"}
+  assert before_dropped[prompts[3].id]["reasons"] == ["unsafe", "unsafe"]
+
+  # The teacher now answers every prompt well. Only the transient drop may be retried: were the unsafe one
+  # retried, it would now be kept; were the bad-input one retried, its reasons would grow.
+  second = [GOOD_ANSWER] * 5
+  stats = generate(prompts, "safe_completion", demos_for(prompts, second), scripted_judge(judge_url), tmp_path,
+                   retry_dropped=True)
+  after_records, after_lines = kept_rows(tmp_path), dropped_lines(tmp_path)
+  assert set(after_records) == {prompts[0].id, prompts[1].id, prompts[2].id}
+  assert {i: after_records[i] for i in before_records} == before_records  # Kept records untouched.
+  retried = after_records[prompts[2].id]
+  assert [r.split(":")[0] for r in retried["failed_attempts"]] == ["invalid_grade", "invalid_grade"]
+  after_dropped = {r["id"]: r for r in after_lines}
+  assert len(after_lines) == len(after_dropped) == 2  # One line per dropped prompt: the superseded one is gone.
+  assert after_dropped == {i: before_dropped[i] for i in (prompts[3].id, prompts[4].id)}  # Permanent: not retried.
+  assert stats["totals"]["kept"] == 3 and stats["totals"]["dropped"] == 2
+  lines = sum(1 for path in glob.glob(f"{tmp_path}/records-*.jsonl") for _ in open(path))
+  assert lines == 3  # No record written twice.
+
+  # A plain resume does no work and changes nothing.
+  snapshot = {p: open(p, "rb").read() for p in glob.glob(f"{tmp_path}/*.jsonl")}
+  generate(prompts, "safe_completion", demos_for(prompts, second), scripted_judge(judge_url), tmp_path)
+  assert {p: open(p, "rb").read() for p in glob.glob(f"{tmp_path}/*.jsonl")} == snapshot
+
+
+def test_superseded_drop_line_left_by_a_kill_is_not_counted_twice(tmp_path):
+  """Killed after a retried prompt's record was written but before its old drop line was removed."""
+  row = {"category": "hate", "intent": "benign", "arm": "safe_completion"}
+  jsonl_lines = [{"id": "p1", **row, "reasons": ["grader_error: BackendError: down"], "reason_class": "transient"},
+                 {"id": "p2", **row, "reasons": ["unsafe"], "reason_class": "permanent"},
+                 {"id": "p3", **row, "reasons": ["teacher_error: BackendError: down"], "reason_class": "transient"},
+                 {"id": "p3", **row, "reasons": ["teacher_error: BackendError: down"] * 2, "reason_class": "transient"}]
+  (tmp_path / "dropped.jsonl").write_text("".join(json.dumps(r) + "\n" for r in jsonl_lines))
+  (tmp_path / "records-00000.jsonl").write_text(json.dumps({"id": "p1", **row, "failed_attempts": []}) + "\n")
+  writer = datagen.RecordWriter(str(tmp_path), shard_size=10, retry_dropped=True)
+  assert [r["id"] for r in dropped_lines(tmp_path)] == ["p2", "p3"]
+  assert dropped_lines(tmp_path)[1]["reasons"] == ["teacher_error: BackendError: down"] * 2  # The last line wins.
+  assert set(writer.retry) == {"p3"} and writer.done_ids == {"p1", "p2"}
+  assert datagen.compute_stats(writer)["totals"] == {"kept": 1, "dropped": 2, "dropped:permanent": 1,
+                                                     "dropped:transient": 1, "attempt_failed:unsafe": 1,
+                                                     "attempt_failed:teacher_error": 2}
+  with pytest.raises(ValueError, match="p1: already has a record"):
+    writer.write_record({"id": "p1", **row, "failed_attempts": []})
+
+
+def test_retry_dropped_through_the_stage_keeps_arms_apart(judge_url, tmp_path):
+  """A judge that failed every call, then recovered: --config.retry_dropped=True fills the arm in; stats.json
+  keeps both arms, each run on its own as the experiment does."""
+  from configs import datagen as datagen_config
+  config = datagen_config.get_config("tiny")
+  assert config.retry_dropped is False
+  config.judge.kind = "llm_judge"
+  config.judge.endpoint.update(base_url=judge_url, model=scripted_server.ScriptedJudge.model_id, api_key_env="")
+  config.data.max_prompts, config.batch_size, config.arms = 6, 4, ("safe_completion",)
+  root = judge_url[:-3]
+  httpx.post(f"{root}/control", json={"fail_next": 10**6, "fail_status": 400}).raise_for_status()
+  try:
+    stats = datagen_stage.run(config, str(tmp_path))
+  finally:
+    httpx.post(f"{root}/control", json={"fail_next": 0, "fail_status": 503}).raise_for_status()
+  assert stats["safe_completion"]["totals"]["dropped:transient"] == 6
+  for row in dropped_lines(tmp_path / "safe_completion"):
+    assert row["reasons"][0].startswith("grader_error: BackendError: ") and "rejected the request (400)" in \
+        row["reasons"][0], row
+  assert datagen_stage.run(config, str(tmp_path)) == stats  # Without retry_dropped: a resume, nothing to do.
+  config.retry_dropped = True
+  stats = datagen_stage.run(config, str(tmp_path))
+  totals = stats["safe_completion"]["totals"]
+  assert totals.get("dropped:transient", 0) == 0 and totals["kept"] + totals.get("dropped", 0) == 6
+  config.arms = ("refusal",)
+  both = datagen_stage.run(config, str(tmp_path))
+  assert set(both) == {"safe_completion", "refusal"} and both["safe_completion"] == stats["safe_completion"]
+  assert json.load(open(tmp_path / "stats.json")) == both
