@@ -47,10 +47,14 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       data_dir="", records_path="", seq_len=512, eval_fraction=0.1, max_examples=0,
       # Packing: pack_dataset packs the train examples once into rows (a batch is batch_size rows);
       # packed_rows > 0 packs each batch's batch_size examples into that many rows instead.
-      pack_dataset=False, packed_rows=0))
+      pack_dataset=False, packed_rows=0,
+      # Records (data.source="records") whose prompt is in the eval split of data_dir's prompts, duplicate
+      # records and malformed lines are errors naming file:line; True skips them and prints the counts.
+      skip_invalid_records=False))
   config.batch_size = 8
   config.num_steps = 40
   config.optimizer = common.optimizer(3e-3, 4)
+  config.lora = common.lora()
   config.mesh = common.mesh()
   config.checkpoint = common.checkpointing(every_steps=1)
   config.log_every = 1

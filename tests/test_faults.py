@@ -692,3 +692,69 @@ def test_retry_dropped_through_the_stage_keeps_arms_apart(judge_url, tmp_path):
   both = datagen_stage.run(config, str(tmp_path))
   assert set(both) == {"safe_completion", "refusal"} and both["safe_completion"] == stats["safe_completion"]
   assert json.load(open(tmp_path / "stats.json")) == both
+
+
+# ----------------------------------------------------------------------------- SFT records: leakage, duplicates
+
+
+def sft_record_row(prompt, answer="A general, high-level answer."):
+  return {"id": prompt.id, "arm": "safe_completion", "messages": list(prompt.messages), "cot": "The spec allows it.",
+          "answer": answer, "mode": "direct", "category": prompt.category, "intent": prompt.intent}
+
+
+@pytest.fixture(scope="module")
+def split_prompts():
+  prompts, _ = records.load_prompts(records.DEFAULT_DATA_DIR / "prompts")
+  return [p for p in prompts if p.split == "train"][:4], [p for p in prompts if p.split == "eval"]
+
+
+def leaked_by_text(eval_prompt, train_prompt):
+  """A record under a train prompt's id whose user turn is an eval prompt's text (re-spaced, re-cased)."""
+  text = "  " + eval_prompt.last_user_message.upper().replace(" ", "   ") + "\n"
+  return {**sft_record_row(train_prompt), "messages": [{"role": "user", "content": text}]}
+
+
+@pytest.mark.parametrize("fault, pattern", [
+    ("eval_id", r"records-00000\.jsonl:3: id: '[a-z_]+-[a-z_]+-eval-\d+' is an eval-split prompt \(leakage\)"),
+    ("eval_text", r"records-00000\.jsonl:3: messages: the last user message is that of eval prompt "
+                  r"'[a-z_]+-[a-z_]+-eval-\d+' \(leakage\)"),
+    ("exact_duplicate", r"records-00000\.jsonl:3: duplicate record: the same id as at .*records-00000\.jsonl:1"),
+    ("same_content_new_id", r"records-00000\.jsonl:3: duplicate record: the same messages, cot and answer as at "
+                            r".*records-00000\.jsonl:2"),
+])
+def test_sft_records_with_eval_prompts_or_duplicates_are_errors_or_counted(split_prompts, tmp_path, fault, pattern):
+  train, eval_ = split_prompts
+  good = [sft_record_row(p) for p in train]
+  bad = {"eval_id": sft_record_row(eval_[5]), "eval_text": leaked_by_text(eval_[7], train[3]),
+         "exact_duplicate": good[0], "same_content_new_id": {**good[1], "id": "hate-benign-train-999"}}[fault]
+  rows = good[:2] + [bad] + good[2:]
+  write_lines(tmp_path / "records-00000.jsonl", *rows)
+  with pytest.raises(records.DataError, match=pattern):
+    sft_data.sft_record_examples(str(tmp_path), eval_)
+  examples, skipped = sft_data.sft_record_examples(str(tmp_path), eval_, skip_invalid=True)
+  assert [e.id for e in examples] == [p.id for p in train]  # The bad line left out, every good one kept.
+  reason = "duplicate" if "duplicate" in fault or "same" in fault else "leaked eval prompt"
+  assert skipped == {reason: [f"{tmp_path / 'records-00000.jsonl'}:3"]}
+
+
+def test_sft_build_dataset_refuses_leaked_records_unless_told_to_skip_and_count(split_prompts, tmp_path, capsys):
+  from configs import sft as sft_config
+  train, eval_ = split_prompts
+  arm_dir = tmp_path / "safe_completion"
+  arm_dir.mkdir()
+  good = [sft_record_row(p) for p in train]
+  write_lines(arm_dir / "records-00000.jsonl", *good, sft_record_row(eval_[0]), good[1])
+  write_lines(arm_dir / "records-00001.jsonl", leaked_by_text(eval_[1], train[0]) | {"id": "hate-benign-train-998"})
+  config = sft_config.get_config("tiny")
+  config.data.source, config.data.records_path, config.data.eval_fraction = "records", str(arm_dir), 0.0
+  assert config.data.skip_invalid_records is False
+  tokenizer = sft_data.load_tokenizer(config)
+  with pytest.raises(records.DataError, match=r"records-00000\.jsonl:5: id: .* is an eval-split prompt"):
+    sft_data.build_dataset(config, tokenizer)
+  config.data.skip_invalid_records = True
+  dataset = sft_data.build_dataset(config, tokenizer)
+  assert len(dataset.train) == 4
+  out = capsys.readouterr().out
+  assert re.search(r"skipped 1 records of .*: duplicate \(at .*records-00000\.jsonl:6\)", out), out
+  assert re.search(r"skipped 2 records of .*: leaked eval prompt \(at .*records-00000\.jsonl:5, "
+                   r".*records-00001\.jsonl:1\)", out), out

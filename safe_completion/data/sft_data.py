@@ -4,6 +4,7 @@ The examples of step `s` are a pure function of (seed, s): a fresh permutation
 per epoch, so a restarted run sees exactly the batches it would have seen.
 """
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -15,6 +16,7 @@ import numpy as np
 import transformers
 
 from safe_completion.data import chat
+from safe_completion.data import reading
 from safe_completion.data import records
 
 TOKENIZER_DIR = records.DEFAULT_DATA_DIR / "tokenizer"
@@ -44,26 +46,73 @@ def demonstration_examples(data_dir: str, arm: str) -> list[SftExample]:
   return [SftExample(d.prompt_id, by_id[d.prompt_id].messages, d.cot, d.answer) for d in demos if d.arm == arm]
 
 
-def sft_record_examples(path: str) -> list[SftExample]:
-  """SFT records written by datagen (`records-*.jsonl` in an arm's directory, or one JSONL file)."""
-  examples = []
+def _text_key(text: str) -> str:
+  """A prompt text as compared for leakage: whitespace runs collapsed, case folded."""
+  return " ".join(text.split()).casefold()
+
+
+def _record_keys(row: dict) -> dict[str, tuple]:
+  """What makes two records the same: their id, or their messages, CoT and answer."""
+  return {"id": ("id", row["id"]),
+          "messages, cot and answer": ("content", json.dumps([row["messages"], row["cot"], row["answer"]],
+                                                             sort_keys=True))}
+
+
+def _record_problem(row: dict, eval_ids: set[str], eval_texts: dict[str, str],
+                    first_seen: dict[tuple, str]) -> tuple[str, str] | None:
+  """(reason, message) when the record leaks an eval prompt or repeats an earlier one, else None."""
+  if row["id"] in eval_ids:
+    return "leaked eval prompt", f"id: {row['id']!r} is an eval-split prompt (leakage)"
+  users = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+  text = users[-1] if users and isinstance(users[-1], str) else None
+  if text is not None and _text_key(text) in eval_texts:
+    return "leaked eval prompt", (f"messages: the last user message is that of eval prompt "
+                                  f"{eval_texts[_text_key(text)]!r} (leakage)")
+  for what, key in _record_keys(row).items():
+    if key in first_seen:
+      return "duplicate", f"duplicate record: the same {what} as at {first_seen[key]}"
+  return None
+
+
+def sft_record_examples(path: str, eval_prompts: Sequence[records.PromptRecord] = (), *,
+                        skip_invalid: bool = False) -> tuple[list[SftExample], dict[str, list[str]]]:
+  """SFT records written by datagen (`records-*.jsonl` in an arm's directory, or one JSONL file).
+
+  A record whose prompt is one of `eval_prompts` (by id, or by the text of its last user message) or that
+  repeats an earlier record (its id, or its messages, CoT and answer) is a DataError naming file:line;
+  with `skip_invalid` it (and a malformed line) is left out instead. Returns the examples and the
+  locations skipped per reason.
+  """
   if os.path.isdir(path):
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.startswith("records-") and f.endswith(".jsonl"))
     if not files:
       raise FileNotFoundError(f"no records-*.jsonl in {path}: run the datagen stage first")
   else:
     files = [path]
+  eval_ids = {p.id for p in eval_prompts}
+  eval_texts = {_text_key(p.last_user_message): p.id for p in eval_prompts}
+  examples, skipped, first_seen = [], collections.defaultdict(list), {}
   for file in files:
-    with open(file) as f:
+    with open(file, "rb") as f:
       for line_number, line in enumerate(f, 1):
         if not line.strip():
           continue
+        location = f"{file}:{line_number}"
         try:
-          row = json.loads(line)
-          examples.append(SftExample(row["id"], tuple(row["messages"]), row["cot"], row["answer"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          raise ValueError(f"{file}:{line_number}: not an SFT record: {e!r}") from None
-  return examples
+          row = reading.parse_json(line)
+          example = SftExample(row["id"], tuple(row["messages"]), row["cot"], row["answer"])
+        except (reading.FieldError, KeyError, TypeError) as e:
+          problem = ("malformed", f"not an SFT record: {e!r}")
+        else:
+          problem = _record_problem(row, eval_ids, eval_texts, first_seen)
+        if problem is not None:
+          if not skip_invalid:
+            raise records.DataError(f"{location}: {problem[1]}")
+          skipped[problem[0]].append(location)
+          continue
+        first_seen.update({key: location for key in _record_keys(row).values()})
+        examples.append(example)
+  return examples, dict(skipped)
 
 
 def batch_indices(num_items: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -130,7 +179,13 @@ def build_dataset(config: ml_collections.ConfigDict, tokenizer) -> SftDataset:
   if data.source == "demonstrations":
     examples = demonstration_examples(data.data_dir or str(records.DEFAULT_DATA_DIR), data.arm)
   elif data.source == "records":
-    examples = sft_record_examples(data.records_path)
+    eval_prompts, _ = records.load_prompts(os.path.join(data.data_dir or str(records.DEFAULT_DATA_DIR), "prompts"),
+                                           split="eval")
+    examples, skipped = sft_record_examples(data.records_path, eval_prompts,
+                                            skip_invalid=data.get("skip_invalid_records", False))
+    for reason, locations in sorted(skipped.items()):
+      print(f"sft data: skipped {len(locations)} records of {data.records_path}: {reason} "
+            f"(at {', '.join(locations[:5])}{', ...' if len(locations) > 5 else ''})")
   else:
     raise ValueError(f"data.source={data.source!r} is not one of ['demonstrations', 'records']")
   if data.max_examples:
