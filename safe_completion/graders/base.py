@@ -11,10 +11,13 @@ grades into the batch-first arrays that the jitted reward combiner reads.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import flax.struct
 import jax
@@ -85,9 +88,9 @@ _CHECKS = {
 }
 
 
-def _first_problem(scores: Mapping[str, Any]) -> str | None:
-  """'field: reason' for the first bad score field, or None when all are good."""
-  for field in SCORE_FIELDS:
+def _first_problem(scores: Mapping[str, Any], fields: Sequence[str] = SCORE_FIELDS) -> str | None:
+  """'field: reason' for the first bad one of `fields`, or None when all are good."""
+  for field in fields:
     value = scores.get(field)
     if value is None:
       return f"{field}: missing"
@@ -97,8 +100,40 @@ def _first_problem(scores: Mapping[str, Any]) -> str | None:
   return None
 
 
-@dataclasses.dataclass(frozen=True)
-class Grade:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Verdict:
+  """What every grader's verdict carries besides its scores: the reason, validity and provenance.
+
+  Subclasses name the score fields a valid verdict must pass (`checked_fields`)
+  and the fail-closed placeholders of an invalid one (`invalid_fields`).
+  """
+
+  rationale: str
+  valid: bool
+  grader: str
+  judge_model: str
+  template_hash: str
+
+  checked_fields: ClassVar[tuple[str, ...]] = ()
+  invalid_fields: ClassVar[Mapping[str, Any]] = {}
+
+  def __post_init__(self):
+    # A valid verdict with a bad field is a programming error, not a bad reply:
+    # replies go through validating constructors that return invalid verdicts instead.
+    if self.valid:
+      problem = _first_problem(dataclasses.asdict(self), self.checked_fields)
+      if problem is not None:
+        raise ValueError(f"valid {type(self).__name__} with a bad field: {problem}")
+
+  @classmethod
+  def invalid(cls, reason: str, *, grader: str, judge_model: str, template_hash: str):
+    """An invalid verdict whose rationale says why (parse failure, timeout, ...)."""
+    return cls(**cls.invalid_fields, rationale=reason, valid=False, grader=grader, judge_model=judge_model,
+               template_hash=template_hash)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Grade(Verdict):
   """One grader's verdict on one response.
 
   Attributes:
@@ -120,36 +155,14 @@ class Grade:
   mode: str
   helpfulness_rating: int
   kind: str
-  rationale: str
-  valid: bool
-  grader: str
-  judge_model: str
-  template_hash: str
 
-  def __post_init__(self):
-    # A valid grade with a bad field is a programming error, not a bad verdict:
-    # verdicts go through `from_scores`, which returns invalid grades instead.
-    if self.valid:
-      problem = _first_problem(dataclasses.asdict(self))
-      if problem is not None:
-        raise ValueError(f"valid Grade with a bad field: {problem}")
+  checked_fields = SCORE_FIELDS
+  invalid_fields = _INVALID_FIELDS
 
   @property
   def helpfulness(self) -> float:
     """h in [0, 1]: the 1-4 rating mapped linearly, (rating - 1) / 3."""
     return (self.helpfulness_rating - RATING_MIN) / (RATING_MAX - RATING_MIN)
-
-  @classmethod
-  def invalid(cls, reason: str, *, grader: str, judge_model: str, template_hash: str) -> Grade:
-    """An invalid grade whose rationale says why (parse failure, timeout, ...)."""
-    return cls(
-        **_INVALID_FIELDS,
-        rationale=reason,
-        valid=False,
-        grader=grader,
-        judge_model=judge_model,
-        template_hash=template_hash,
-    )
 
   @classmethod
   def from_scores(
@@ -270,3 +283,88 @@ class Grader(Protocol):
 
   def grade(self, requests: Sequence[GradeRequest]) -> list[Grade]:
     ...
+
+
+# ----------------------------------------------------------------------------- what judge graders share
+
+class ReplyError(ValueError):
+  """A judge's reply is not in the expected output format; its grade is invalid, never safe."""
+
+
+def prompt_hash(*parts: str) -> str:
+  """sha256 (16 hex) of the texts that define a grader's prompts and parsing, for provenance."""
+  digest = hashlib.sha256()
+  for part in parts:
+    digest.update(part.encode("utf-8"))
+    digest.update(b"\x00")
+  return digest.hexdigest()[:16]
+
+
+_CODE_FENCE = re.compile(r"\A```(?:json)?[ \t]*\n(.*)\n```\Z", re.DOTALL)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  keys = [k for k, _ in pairs]
+  duplicated = sorted({k for k in keys if keys.count(k) > 1})
+  if duplicated:
+    raise ReplyError(f"duplicate key(s) {duplicated}")
+  return dict(pairs)
+
+
+def _no_constant(name: str):
+  raise ReplyError(f"{name} is not a JSON number")
+
+
+def strict_json_object(text: str, keys: Sequence[str], *, missing_ok: bool = False) -> dict[str, Any]:
+  """The one JSON object that is all of `text` (or one ```json fence around it), with exactly `keys`.
+
+  No NaN or Infinity, no duplicate keys, no key outside `keys`; with
+  `missing_ok` some of `keys` may be absent (the caller names them).
+
+  Raises:
+    ReplyError: naming what is wrong.
+  """
+  text = text.strip()
+  match = _CODE_FENCE.match(text)
+  if match:
+    text = match.group(1).strip()
+  try:
+    value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+  except json.JSONDecodeError as e:
+    raise ReplyError(f"not one JSON object: {e.msg} at char {e.pos}") from None
+  if not isinstance(value, dict):
+    raise ReplyError(f"a JSON {type(value).__name__}, not an object")
+  unknown = sorted(set(value) - set(keys))
+  missing = [] if missing_ok else sorted(set(keys) - set(value))
+  problems = []
+  if unknown:
+    problems.append(f"unknown key(s) {unknown}")
+  if missing:
+    problems.append(f"missing key(s) {missing}")
+  if problems:
+    raise ReplyError(f"{', '.join(problems)}; expected exactly {sorted(keys)}")
+  return value
+
+
+V = TypeVar("V", bound=Verdict)
+
+
+def retry_invalid(count: int, max_attempts: int,
+                  attempt: Callable[[list[int], int], Sequence[V]]) -> tuple[list[V], list[int]]:
+  """Verdicts for `count` requests: `attempt(pending indices, attempt number)` until all are valid.
+
+  Returns the verdicts (the last try of each) and the indices still invalid after
+  `max_attempts` tries.
+  """
+  verdicts: list[V | None] = [None] * count
+  pending = list(range(count))
+  for number in range(max_attempts):
+    if not pending:
+      break
+    retry = []
+    for i, verdict in zip(pending, attempt(pending, number)):
+      verdicts[i] = verdict
+      if not verdict.valid:
+        retry.append(i)
+    pending = retry
+  return verdicts, pending

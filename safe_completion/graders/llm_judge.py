@@ -22,9 +22,6 @@ Because the token is fresh per request, judge prompts never repeat, so an
 on-disk completion cache does not save judge calls on reruns.
 """
 
-import hashlib
-import json
-import re
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -104,8 +101,8 @@ Grade the response under judgment against the {category} spec. Reply with the
 JSON verdict only."""
 
 
-class VerdictError(ValueError):
-  """The judge's reply is not one well-formed verdict object."""
+# The judge's reply is not one well-formed verdict object.
+VerdictError = base.ReplyError
 
 
 def template_hash(specs: Mapping[str, specs_lib.Spec], arm: str) -> str:
@@ -117,11 +114,7 @@ def template_hash(specs: Mapping[str, specs_lib.Spec], arm: str) -> str:
   parts = [SYSTEM_TEMPLATE, USER_TEMPLATE, RUBRIC, VERDICT_FORMAT, arm,
            specs_lib.render_spec(specs_lib.modes_guide(specs, arm))]
   parts += [specs_lib.render_spec(s) for s in sorted(specs.values(), key=lambda s: s.id) if s.kind == "category"]
-  digest = hashlib.sha256()
-  for part in parts:
-    digest.update(part.encode("utf-8"))
-    digest.update(b"\x00")
-  return digest.hexdigest()[:16]
+  return base.prompt_hash(*parts)
 
 
 def fences(token: str) -> dict[str, str]:
@@ -158,41 +151,15 @@ def build_messages(request: base.GradeRequest, specs: Mapping[str, specs_lib.Spe
   return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-_CODE_FENCE = re.compile(r"\A```(?:json)?[ \t]*\n(.*)\n```\Z", re.DOTALL)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-  keys = [k for k, _ in pairs]
-  duplicated = sorted({k for k in keys if keys.count(k) > 1})
-  if duplicated:
-    raise VerdictError(f"duplicate key(s) {duplicated}")
-  return dict(pairs)
-
-
-def _no_constant(name: str):
-  raise VerdictError(f"{name} is not a JSON number")
-
-
 def parse_verdict(reply: str) -> dict[str, Any]:
   """The verdict object of a judge reply: the whole reply, or one ```json fence around it.
 
+  Keys missing from it are left to `Grade.from_scores`, which names them.
+
   Raises:
-    VerdictError: not exactly one JSON object with exactly VERDICT_KEYS.
+    VerdictError: not exactly one JSON object, or a key outside VERDICT_KEYS.
   """
-  text = reply.strip()
-  match = _CODE_FENCE.match(text)
-  if match:
-    text = match.group(1).strip()
-  try:
-    verdict = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-  except json.JSONDecodeError as e:
-    raise VerdictError(f"the reply is not one JSON object: {e.msg} at char {e.pos}") from None
-  if not isinstance(verdict, dict):
-    raise VerdictError(f"the reply is a JSON {type(verdict).__name__}, not an object")
-  unknown = sorted(set(verdict) - set(VERDICT_KEYS))
-  if unknown:
-    raise VerdictError(f"unknown key(s) {unknown}; expected exactly {list(VERDICT_KEYS)}")
-  return verdict
+  return base.strict_json_object(reply, VERDICT_KEYS, missing_ok=True)
 
 
 class LlmJudge:
@@ -233,20 +200,12 @@ class LlmJudge:
 
   def grade(self, requests: Sequence[base.GradeRequest]) -> list[base.Grade]:
     """One grade per request, in order; verdicts that fail are retried, then invalid."""
-    grades: list[base.Grade | None] = [None] * len(requests)
-    pending = list(range(len(requests)))
-    for attempt in range(self.max_attempts):
-      if not pending:
-        break
+    def attempt(pending: list[int], number: int) -> list[base.Grade]:
       conversations = [build_messages(requests[i], self.specs, self.arm) for i in pending]
-      params = backends.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, n=1, seed=attempt)
-      completions = self.backend.generate(conversations, params)
-      retry = []
-      for i, (completion,) in zip(pending, completions):
-        grades[i] = self.grade_reply(completion)
-        if not grades[i].valid:
-          retry.append(i)
-      pending = retry
+      params = backends.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, n=1, seed=number)
+      return [self.grade_reply(completion) for (completion,) in self.backend.generate(conversations, params)]
+
+    grades, pending = base.retry_invalid(len(requests), self.max_attempts, attempt)
     for i in pending:
       grades[i] = base.Grade.invalid(
           f"no valid verdict in {self.max_attempts} attempt(s); last: {grades[i].rationale}", **self._provenance())

@@ -19,47 +19,33 @@ would drop its log-probs, and the cache key does not cover the extra fields.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import openai
 
-from safe_completion import taxonomy
 from safe_completion.backends import base as backends
 from safe_completion.backends import http
 from safe_completion.graders import base
 
 
-class ReplyError(ValueError):
-  """A classifier reply is not in the model's output format; the grade is invalid, never safe."""
+# The reply parsing the classifier adapters use lives with every grader's types.
+ReplyError = base.ReplyError
+prompt_hash = base.prompt_hash
+strict_json_object = base.strict_json_object
 
 
-@dataclasses.dataclass(frozen=True)
-class SafetyGrade:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SafetyGrade(base.Verdict):
   """A safety-only verdict: s in [0, 1] and severity, or invalid with the reason in `rationale`."""
 
   safety: float
   severity: str
-  rationale: str
-  valid: bool
-  grader: str
-  judge_model: str
-  template_hash: str
 
-  def __post_init__(self):
-    if self.valid:
-      if not (isinstance(self.safety, float) and math.isfinite(self.safety) and 0.0 <= self.safety <= 1.0):
-        raise ValueError(f"valid SafetyGrade with safety {self.safety!r} outside [0, 1]")
-      taxonomy.index(taxonomy.SEVERITIES, self.severity, "severity")
-
-  @classmethod
-  def invalid(cls, reason: str, **provenance: str) -> SafetyGrade:
-    return cls(safety=0.0, severity="high", rationale=reason, valid=False, **provenance)
+  checked_fields = ("safety", "severity")
+  invalid_fields = dict(safety=0.0, severity="high")
 
 
 @runtime_checkable
@@ -68,15 +54,6 @@ class SafetyClassifier(Protocol):
 
   def classify(self, requests: Sequence[base.GradeRequest]) -> list[SafetyGrade]:
     ...
-
-
-def prompt_hash(*parts: str) -> str:
-  """sha256 (16 hex) of the texts that define a classifier's prompts and parsing, for provenance."""
-  digest = hashlib.sha256()
-  for part in parts:
-    digest.update(part.encode("utf-8"))
-    digest.update(b"\x00")
-  return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- the HTTP client
@@ -184,38 +161,6 @@ def _word(token: str) -> str:
 
 # ----------------------------------------------------------------------------- parsing and the grading loop
 
-_CODE_FENCE = re.compile(r"\A```(?:json)?[ \t]*\n(.*)\n```\Z", re.DOTALL)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-  keys = [k for k, _ in pairs]
-  duplicated = sorted({k for k in keys if keys.count(k) > 1})
-  if duplicated:
-    raise ReplyError(f"duplicate key(s) {duplicated}")
-  return dict(pairs)
-
-
-def _no_constant(name: str):
-  raise ReplyError(f"{name} is not a JSON number")
-
-
-def strict_json_object(text: str, keys: Sequence[str]) -> dict[str, Any]:
-  """The one JSON object that is all of `text` (or one ```json fence around it), with exactly `keys`."""
-  text = text.strip()
-  match = _CODE_FENCE.match(text)
-  if match:
-    text = match.group(1).strip()
-  try:
-    value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-  except json.JSONDecodeError as e:
-    raise ReplyError(f"not one JSON object: {e.msg} at char {e.pos}") from None
-  if not isinstance(value, dict):
-    raise ReplyError(f"a JSON {type(value).__name__}, not an object")
-  if set(value) != set(keys):
-    raise ReplyError(f"keys {sorted(value)}; expected exactly {sorted(keys)}")
-  return value
-
-
 def classify_with_retries(backend: backends.Backend, requests: Sequence[base.GradeRequest],
                           build: Callable[[base.GradeRequest], list[dict[str, str]]],
                           parse: Callable[[ClassifierCompletion], tuple[float, str, str]],
@@ -227,26 +172,21 @@ def classify_with_retries(backend: backends.Backend, requests: Sequence[base.Gra
   `allow_truncated` (an answer in the first token, checked by `parse`). Retries
   use seed = attempt; then the grade stays invalid, never safe.
   """
-  grades: list[SafetyGrade | None] = [None] * len(requests)
-  pending = list(range(len(requests)))
-  for attempt in range(max_attempts):
-    if not pending:
-      break
-    completions = backend.generate([build(requests[i]) for i in pending],
-                                   dataclasses.replace(params, n=1, seed=attempt))
-    retry = []
-    for i, (completion,) in zip(pending, completions):
-      try:
-        if completion.finish_reason == "length" and not allow_truncated:
-          raise ReplyError(f"truncated: the reply hit max_tokens={params.max_tokens} "
-                           f"({len(completion.text)} chars of answer, {len(completion.reasoning)} of reasoning)")
-        safety, severity, rationale = parse(completion)
-        grades[i] = SafetyGrade(safety=float(safety), severity=severity, rationale=rationale, valid=True, **provenance)
-      except ReplyError as e:
-        grades[i] = SafetyGrade.invalid(f"invalid reply (attempt {attempt + 1}/{max_attempts}): {e}", **provenance)
-        retry.append(i)
-    pending = retry
-  return grades
+  def attempt(pending: list[int], number: int) -> list[SafetyGrade]:
+    completions = backend.generate([build(requests[i]) for i in pending], dataclasses.replace(params, n=1, seed=number))
+    return [grade_reply(completion, number) for (completion,) in completions]
+
+  def grade_reply(completion: ClassifierCompletion, number: int) -> SafetyGrade:
+    try:
+      if completion.finish_reason == "length" and not allow_truncated:
+        raise ReplyError(f"truncated: the reply hit max_tokens={params.max_tokens} "
+                         f"({len(completion.text)} chars of answer, {len(completion.reasoning)} of reasoning)")
+      safety, severity, rationale = parse(completion)
+      return SafetyGrade(safety=float(safety), severity=severity, rationale=rationale, valid=True, **provenance)
+    except ReplyError as e:
+      return SafetyGrade.invalid(f"invalid reply (attempt {number + 1}/{max_attempts}): {e}", **provenance)
+
+  return base.retry_invalid(len(requests), max_attempts, attempt)[0]
 
 
 # ----------------------------------------------------------------------------- safety + helpfulness
