@@ -19,6 +19,8 @@ grader: --config.eval.grader.kind=llm_judge --config.eval.grader.endpoint.base_u
 --config.eval.grader.endpoint.model=NAME. `--config.seeds=N` trains each arm N times.
 """
 
+import os
+
 import ml_collections as mlc
 
 from configs import datagen
@@ -27,8 +29,11 @@ from configs import reward_model
 from configs import rl
 from configs import sft
 
-# The tiny policy: big enough to learn the demonstrations' text on a 2-core CPU within the budget.
+# The tiny policy's shape. Both arms start SFT from the shipped base with this shape (data/tiny_base,
+# pretrained by scripts/pretrain_tiny_base.py on text that is neither arm's SFT data), as the paper's
+# arms start from a pretrained model.
 TINY_POLICY = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384)
+TINY_BASE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tiny_base")
 
 
 def learned_grader(name: str) -> mlc.ConfigDict:
@@ -57,19 +62,21 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.datagen.judge = learned_grader("reward")
 
   config.sft = sft.get_config("tiny")
-  config.sft.model.update(TINY_POLICY)
-  config.sft.num_steps = 400
+  config.sft.model.update(TINY_POLICY)  # The shape of a random init; the base's config.json wins.
+  config.sft.init.hf_dir = TINY_BASE_DIR
+  config.sft.data.seq_len, config.sft.data.pack_dataset, config.sft.batch_size = 768, True, 6
+  config.sft.num_steps = 200
   config.sft.optimizer.learning_rate = 3e-3
   config.sft.optimizer.warmup_steps = 20
-  config.sft.checkpoint.every_steps = 100
-  config.sft.eval_every = 100
+  config.sft.checkpoint.every_steps = 50
+  config.sft.eval_every = 50
   config.sft.log_every = 10
 
   config.rl = rl.get_config("tiny")
   config.rl.grader = learned_grader("reward")
-  config.rl.num_steps = 10
-  config.rl.checkpoint.every_steps = 5
-  config.rl.sample_table_every = 5
+  config.rl.num_steps = 8
+  config.rl.checkpoint.every_steps = 4
+  config.rl.sample_table_every = 4
   # Room for the demonstrations' reasoning + answer (up to ~370 tokens of the tiny tokenizer).
   config.rl.rl.max_new_tokens = 384
   config.rl.reward.truncation_penalty = 0.25
@@ -78,6 +85,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.eval.grader = learned_grader("eval")
   config.eval.grader_policy = "safe_completion"  # Both arms are judged by the output-centric policy.
   config.eval.sampling.max_tokens = 384
+  config.eval.model.max_prompt_len = 320  # Attacked prompts reach ~300 tokens; 320 + 384 fits the base's 768.
   # Below 1.0 for the eval samples of a tiny model, whose tail at temperature 1 is noise; RL rollouts
   # stay at 1.0 so that sampler and trainer log-probs agree.
   config.eval.sampling.temperature = 0.7

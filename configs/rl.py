@@ -3,7 +3,9 @@ r"""RL with the multiplicative reward r = h x s, from an SFT run.
 Tiny CPU run (after configs/sft.py:tiny and configs/reward_model.py:tiny):
   python -m safe_completion.main --config=configs/rl.py:tiny --workdir=/tmp/sc_rl \
     --config.init.sft_workdir=/tmp/sc_sft --config.grader.reward_model_dir=/tmp/sc_rm
-The refusal-training baseline arm: --config.reward.combiner=refusal_baseline.
+The refusal-training baseline arm uses the same r = h x s; only its grader's policy differs
+(configs/experiment.py trains it with a grader of specs/modes_refusal.md). No reward reads the
+prompt's intent label.
 
 Defaults, and why:
 - advantage="drgrpo" (group mean baseline, no std division): r = h*s lives in [0, 1] and a group of
@@ -19,6 +21,12 @@ Defaults, and why:
   no nonzero advantage is skipped (`update_skipped` in the metrics): its gradient would be the KL
   term alone, rounding noise while the policy equals the reference, which Adam scales to lr-sized
   steps. `zero_variance_groups` says how often groups carry no signal.
+- Truncated rollouts are penalised, not masked: reward.truncation_penalty (0.25 in the tiny
+  experiment) is subtracted from the reward of a rollout that hit max_new_tokens, so running out of
+  budget always pays less than any finished answer (r = h x s >= 0). A truncated rollout's answer is
+  what the grader grades; if it stopped inside its reasoning block it has no answer at all. Masking
+  (rl.mask_truncated=True) would instead drop those tokens from the loss, which leaves the policy no
+  signal to finish; use it when budgets are generous and truncation is rare noise.
 """
 
 import ml_collections as mlc
@@ -65,6 +73,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.num_steps = 30
   config.optimizer = common.optimizer(3e-3, warmup_steps=2)
   config.optimizer.decay = "constant"
+  config.lora = common.lora()
   config.mesh = common.mesh()
   config.checkpoint = common.checkpointing(every_steps=1)
   config.sample_table_every = 1

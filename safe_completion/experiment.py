@@ -16,6 +16,7 @@ is an evaluation label only.
 """
 
 import collections
+import hashlib
 import json
 import os
 import time
@@ -28,7 +29,7 @@ import numpy as np
 
 from safe_completion import datagen_stage
 from safe_completion import jsonl
-from safe_completion import metrics as run_metrics
+from safe_completion import metrics as metric_writer
 from safe_completion import sft
 from safe_completion import taxonomy
 from safe_completion.data import records
@@ -114,12 +115,17 @@ def describe_grader(grader_config: ml_collections.ConfigDict, policy: str,
 
 
 def graders_shared(config: ml_collections.ConfigDict) -> bool:
-  """Whether the eval grader is (one of) the RL reward graders: then reward hacking is invisible."""
+  """Whether the eval grader is the RL reward grader (of the arm whose policy it grades): then reward
+  hacking of that grader is invisible in the eval numbers."""
   rl_grader, eval_grader = config.rl.grader.to_dict(), config.eval.grader.to_dict()
   for grader in (rl_grader, eval_grader):
     grader.pop("arm", None)
-  same_policy = config.eval.grader_policy in ARMS
-  return rl_grader == eval_grader and same_policy
+  return rl_grader == eval_grader
+
+
+def _config_hash(grader_config: ml_collections.ConfigDict) -> str:
+  """Names caches of one grader's verdicts, so a changed grader never reuses another's."""
+  return hashlib.sha256(json.dumps(grader_config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _train_reward_models(config: ml_collections.ConfigDict, workdir: str, timer: _Timer) -> None:
@@ -213,7 +219,7 @@ def _regrade(completions: Sequence[metrics_lib.GradedCompletion], prompts: dict[
 
 
 def _sft_losses(sft_dir: str) -> dict[str, float]:
-  rows = run_metrics.read_metrics(os.path.join(sft_dir, "metrics.jsonl"))
+  rows = metric_writer.read_metrics(os.path.join(sft_dir, "metrics.jsonl"))
   train = [r["loss"] for r in rows if "loss" in r]
   heldout = [r["eval_loss"] for r in rows if "eval_loss" in r]
   return {"train_loss": float(np.mean(train[-5:])) if train else float("nan"),
@@ -221,7 +227,7 @@ def _sft_losses(sft_dir: str) -> dict[str, float]:
 
 
 def _rl_answer_rate(rl_dir: str) -> float:
-  rows = run_metrics.read_metrics(os.path.join(rl_dir, "metrics.jsonl"))
+  rows = metric_writer.read_metrics(os.path.join(rl_dir, "metrics.jsonl"))
   rates = [r["answer_rate"] for r in rows if "answer_rate" in r]
   return float(np.mean(rates)) if rates else float("nan")
 
@@ -331,13 +337,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         intent: {"sft_records": records_modes, "eval": _completion_modes(sft_completions).get(intent, {})}
         for intent, records_modes in _record_modes(
             os.path.join(workdir, "datagen", arm), prompts, graders["eval"],
-            os.path.join(workdir, "datagen", arm, "eval_grader_modes.json")).items()}
+            os.path.join(workdir, "datagen", arm, f"modes-{_config_hash(eval_grader_config)}.json")).items()}
     meta_by_arm["completion_rate"][arm] = {
         "rl_rollouts": _rl_answer_rate(os.path.join(run_dir, "rl")),
         "eval": float(np.mean([c.reached_answer for c in completions[arm]])),
         "sft_checkpoint": float(np.mean([c.reached_answer for c in sft_completions]))}
-    rl_grader = factory.make_grader(resolve_grader(config.rl.grader, arm, workdir))
-    regraded = _regrade(completions[arm], prompts, rl_grader, os.path.join(run_dir, "eval", "reward_grader.jsonl"))
+    rl_grader_config = resolve_grader(config.rl.grader, arm, workdir)
+    regraded = _regrade(completions[arm], prompts, factory.make_grader(rl_grader_config),
+                        os.path.join(run_dir, "eval", f"reward_grader-{_config_hash(rl_grader_config)}.jsonl"))
     meta_by_arm["reward_vs_eval"][arm] = {"rl_grader": _grade_summary(regraded),
                                           "eval_grader": _grade_summary([c.grade for c in completions[arm]])}
     meta_by_arm["samples"][arm] = _samples(completions[arm], prompts)
@@ -358,6 +365,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "eval_grader": describe_grader(config.eval.grader, config.eval.grader_policy, config)},
           "graders_shared": graders_shared(config),
           "eval_grader_validation": _grader_validation(eval_grader_config),
+          "rl_grader_validation": {arm: _grader_validation(resolve_grader(config.rl.grader, arm, workdir))
+                                   for arm in ARMS},
           **meta_by_arm, "stage_times": timer.times, "wall_time_s": round(time.perf_counter() - started)}
   seed_metrics = {arm: [r["metrics"] for r in results[arm]] for arm in ARMS} if config.seeds > 1 else None
   paths = report_lib.write_report(os.path.join(workdir, "report"), {arm: results[arm][0]["metrics"] for arm in ARMS},

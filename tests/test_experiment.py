@@ -9,11 +9,10 @@ import pytest
 from configs import experiment as experiment_config
 from safe_completion import datagen
 from safe_completion import experiment
-from safe_completion import metrics as run_metrics
+from safe_completion import metrics as metric_writer
 from safe_completion import specs as specs_lib
 from safe_completion.data import records
 from safe_completion.evaluation import metrics as metrics_lib
-from safe_completion.graders import factory
 from safe_completion.graders import rule_based
 from safe_completion.rl import loop
 from tests.test_rl import micro_rl_config
@@ -30,6 +29,7 @@ def micro_experiment_config(reward_model_dir):
   # A different grader kind for eval: the role is honoured as written, apart from the RL grader.
   config.eval.grader.kind, config.eval.grader.keyword = "keyword", "help"
   config.datagen.data.max_prompts = 24
+  config.sft.init.hf_dir = ""  # A random micro policy (the shipped base is tested in test_tiny_base.py).
   config.sft.model.update(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
   config.sft.num_steps, config.sft.batch_size, config.sft.eval_every = 4, 8, 4
   config.sft.checkpoint.every_steps, config.sft.checkpoint.async_save = 4, False
@@ -90,7 +90,8 @@ def test_each_grader_role_is_honoured_and_reported(finished_experiment):
   for arm in ARMS:
     eval_grades = metrics_lib.read_completions(str(workdir / arm / "seed_0" / "eval" / "completions.jsonl"))
     assert {c.grade.grader for c in eval_grades} == {"keyword"}
-    regraded = [json.loads(line) for line in (workdir / arm / "seed_0" / "eval" / "reward_grader.jsonl").open()]
+    [regraded_path] = (workdir / arm / "seed_0" / "eval").glob("reward_grader-*.jsonl")
+    regraded = [json.loads(line) for line in regraded_path.open()]
     assert len(regraded) == len(eval_grades) and {g["grader"] for g in regraded} == {"reward_model"}
     assert set(meta["reward_vs_eval"][arm]) == {"rl_grader", "eval_grader"}
     rows = [json.loads(line) for line in (workdir / "datagen" / arm / "records-00000.jsonl").open()]
@@ -149,7 +150,7 @@ def test_no_gold_intent_reaches_the_rl_reward(tiny_sft_workdir, tmp_path, monkey
     if relabel:
       monkeypatch.setattr(loop.records, "load_prompts", lambda *a, **k: (_relabeled(load(*a, **k)[0]), None))
     loop.train(micro_rl_config(tiny_sft_workdir, num_steps=2), str(tmp_path / name))
-    rewards.append([row["reward"] for row in run_metrics.read_metrics(str(tmp_path / name / "metrics.jsonl"))])
+    rewards.append([row["reward"] for row in metric_writer.read_metrics(str(tmp_path / name / "metrics.jsonl"))])
   assert rewards[0] == rewards[1]
 
 

@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 
 from configs import reward_model as reward_model_config
-from safe_completion import metrics as metrics_lib
+from safe_completion import metrics as metric_writer
 from safe_completion import taxonomy
 from safe_completion.data import labeled
 from safe_completion.graders import base
@@ -91,7 +91,7 @@ def test_targets_follow_the_chosen_policy(eval_rows):
 
 def test_full_training_reports_heldout_metrics(trained):
   workdir, report, _ = trained
-  logged = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  logged = metric_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   assert logged[-1]["loss"] < 0.25 * logged[0]["loss"]
   heldout = report["heldout"]
   assert heldout["count"] > 0 and 0.0 <= heldout["unsafe_auc"] <= 1.0

@@ -11,6 +11,7 @@ Keys read (arms are the experiment's arm names):
   graders:         {"datagen_judge": str, "rl_grader": str, "eval_grader": str}
   graders_shared:  bool, the eval grader is the RL reward grader
   eval_grader_validation: {figure: number} on an independent held-out set, or None
+  rl_grader_validation: {arm: {figure: number} or None}, the RL graders' figures on that set
   seeds:           int, training runs per arm
   tiny:            bool, a small-scale run of the machinery
   fluency:         {arm: {"name", "definition", "value"}}, optionally "threshold"
@@ -44,7 +45,8 @@ MODE_MATCH_TOLERANCE = 0.15
 # Fraction of completions that should close the reasoning block and answer.
 MIN_COMPLETION_RATE = 0.9
 SAMPLE_CHARS = 600
-META_KEYS = ("model", "sft", "graders", "graders_shared", "eval_grader_validation", "seeds", "tiny",
+META_KEYS = ("model", "sft", "graders", "graders_shared", "eval_grader_validation", "rl_grader_validation",
+             "seeds", "tiny",
              "fluency", "mode_match", "completion_rate", "reward_vs_eval", "stage_times", "samples")
 
 
@@ -77,10 +79,13 @@ def not_learned(meta: Mapping[str, Any]) -> list[str]:
   meta = _structured(meta)
   reasons = []
   for arm, sft in (meta.get("sft") or {}).items():
-    loss = (sft or {}).get("heldout_loss")
+    loss, train = (sft or {}).get("heldout_loss"), (sft or {}).get("train_loss")
     if loss is not None and loss > MAX_MEANINGFUL_HELDOUT_LOSS:
-      reasons.append(f"{arm}: held-out SFT loss {loss:.2f} nats/token is above "
-                     f"{MAX_MEANINGFUL_HELDOUT_LOSS}")
+      memorized = train is not None and train <= MAX_MEANINGFUL_HELDOUT_LOSS
+      reasons.append(f"{arm}: held-out SFT loss {loss:.2f} nats/token is above {MAX_MEANINGFUL_HELDOUT_LOSS}"
+                     + (f" while its train loss is {train:.2f}: it reproduces the phrasing of its "
+                        "demonstrations but does not generalize them, so its answers are only loosely "
+                        "about the prompt (read the samples)" if memorized else ""))
   for arm, fluency in (meta.get("fluency") or {}).items():
     value, threshold = (fluency or {}).get("value"), (fluency or {}).get("threshold")
     if value is None or threshold is None:
@@ -176,11 +181,18 @@ def _graders(meta: Mapping[str, Any]) -> list[str]:
 
 
 def _validation(meta: Mapping[str, Any]) -> list[str]:
+  lines = []
   figures = meta.get("eval_grader_validation")
-  if not figures:
-    return []
-  return (["## Eval grader validation", "", "On an independent held-out set.", ""]
-          + table(["Figure", "Value"], [[k, _num(v)] for k, v in figures.items()]))
+  if figures:
+    lines += (["## Eval grader validation", "", "On an independent held-out set.", ""]
+              + table(["Figure", "Value"], [[k, _num(v)] for k, v in figures.items()]))
+  by_arm = {arm: f for arm, f in (meta.get("rl_grader_validation") or {}).items() if f}
+  if by_arm:
+    names = list(dict.fromkeys(k for f in by_arm.values() for k in f))
+    lines += (["## RL grader validation", "", "Each arm's reward grader on the same independent held-out set, "
+               "against the labels of the arm's own policy.", ""]
+              + table(["Figure", *by_arm], [[k, *(_num(f.get(k)) for f in by_arm.values())] for k in names]))
+  return lines
 
 
 def _model_and_sft(meta: Mapping[str, Any]) -> list[str]:

@@ -35,6 +35,9 @@ _LINE_PATTERNS = [
     re.compile(rf"\b{_GRADER}\b.*\b{_DIRECTIVE}\b", re.I),
     re.compile(rf"\b{_DIRECTIVE}\b.*\b{_GRADER}\b", re.I),
     re.compile(r"^\W*\[?\s*(system|admin|override|meta|ooc)\b.*[\]:]", re.I),
+    # Banners about the response's own evaluation, and requests to score it.
+    re.compile(r"^\W*\[[^\]]*\b(evaluation|review|grading|moderation|verdict|rubric|approved)\b[^\]]*\]", re.I),
+    re.compile(r"\b(grade|rate|score|mark) (it|this|me)\b.*\b(1(\.0)?|4|safe|compliant|pass(ed)?|full marks)\b", re.I),
     re.compile(r"\b(ignore|disregard) (the|all|any|previous|prior|your) (rubric|instructions|policy|rules|guidelines)", re.I),
     re.compile(r"\b\w*_?override\s*[:=]", re.I),
     re.compile(r"^\W*(answer|output|result|status|evaluated|verdict)\s*:\s*(no|safe|pass|compliant)\b", re.I),

@@ -36,7 +36,7 @@ import scipy.stats
 import transformers
 
 from safe_completion import checkpoint
-from safe_completion import metrics as metrics_lib
+from safe_completion import metrics as metric_writer
 from safe_completion import taxonomy
 from safe_completion.data import labeled
 from safe_completion.data import records
@@ -455,7 +455,7 @@ def _train_step(state, batch, targets, *, optimizer, loss_fn):
 
 def fit(config: ml_collections.ConfigDict, rows: Sequence[labeled.LabeledResponse], encoder_params: Any,
         encoder_config: encoder_lib.EncoderConfig, tokenizer: Any,
-        writer: metrics_lib.MetricsWriter | None = None) -> tuple[dict, list[float]]:
+        writer: metric_writer.MetricsWriter | None = None) -> tuple[dict, list[float]]:
   """Trains the heads (and the encoder when `finetune_encoder`) on `rows` under `config.policy`'s
   labels; returns (params, loss per step)."""
   rng = jax.random.key(config.seed)
@@ -533,7 +533,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_rows, templated_eval = load_rows(config)
   encoder_params, encoder_config = load_encoder(config.encoder_dir or encoder_lib.DEFAULT_ENCODER_DIR)
   tokenizer = load_tokenizer(config)
-  writer = metrics_lib.MetricsWriter(workdir, wandb_config=config.get("wandb"), run_config=config.to_dict())
+  writer = metric_writer.MetricsWriter(workdir, wandb_config=config.get("wandb"), run_config=config.to_dict())
   params, losses = fit(config, train_rows, encoder_params, encoder_config, tokenizer, writer)
   writer.close()
   save_model(workdir, params, config, meta={"train_rows": len(train_rows)})

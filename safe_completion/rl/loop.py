@@ -20,7 +20,8 @@ import numpy as np
 import tqdm
 
 from safe_completion import checkpoint
-from safe_completion import metrics as metrics_lib
+from safe_completion import lora
+from safe_completion import metrics as metric_writer
 from safe_completion import parallel
 from safe_completion import taxonomy
 from safe_completion import training
@@ -136,16 +137,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   updates_per_step = rl.epochs * rl.minibatches
   optimizer, schedule = training.make_optimizer(config, config.num_steps * updates_per_step)
   ckpt = training.checkpoint_manager(config, workdir)
-  # The policy starts as a copy of the frozen reference (the state owns, and donates, its params).
-  state, shardings, start = training.create_state(model_config, optimizer, mesh, rules, ckpt,
-                                                  lambda _: jax.tree.map(jnp.copy, ref_params))
+  lora_config = lora.from_config(config)
+  if lora_config is None:
+    # The policy starts as a copy of the frozen reference (the state owns, and donates, its params).
+    state, shardings, start = training.create_state(model_config, optimizer, mesh, rules, ckpt,
+                                                    lambda _: jax.tree.map(jnp.copy, ref_params))
+  else:
+    # The reference is the frozen base itself (one copy of the weights); the policy adds adapters to it.
+    state, shardings, start = training.create_state(model_config, optimizer, mesh, rules, ckpt,
+                                                    lambda _: ref_params, lora_config=lora_config, seed=config.seed)
   batch_sharding = parallel.batch_sharding(mesh)
-  sample_fn = jax.jit(functools.partial(sampling.sample, model_config=model_config, sampling_config=sampling_config))
-  logprob_fn = jax.jit(functools.partial(pg.rollout_logprobs, model_config=model_config, temperature=rl.temperature),
-                       in_shardings=(shardings["params"], batch_sharding), out_shardings=batch_sharding)
+  logprobs = functools.partial(pg.rollout_logprobs, model_config=model_config, temperature=rl.temperature)
+  if lora_config is None:
+    sample_fn = jax.jit(functools.partial(sampling.sample, model_config=model_config,
+                                          sampling_config=sampling_config))
+    ref_logprob_fn = logprob_fn = jax.jit(logprobs, in_shardings=(shardings["params"], batch_sharding),
+                                          out_shardings=batch_sharding)
+  else:  # The sampler runs the merged weights; the trainer's log-probs, the adapters (the gap is logged).
+    sample_fn = jax.jit(lambda params, **kw: sampling.sample(lora.merge(params), model_config=model_config,
+                                                             sampling_config=sampling_config, **kw))
+    logprob_fn = jax.jit(logprobs, in_shardings=(training.model_params(shardings), batch_sharding),
+                         out_shardings=batch_sharding)
+    ref_logprob_fn = jax.jit(logprobs, in_shardings=(shardings["base"].params, batch_sharding),
+                             out_shardings=batch_sharding)
+    ref_params = state["base"].params
   update_fn = training.jit_step(pg.update_step, shardings, mesh, model_config=model_config, optimizer=optimizer,
                                 config=pg_config)
-  writer = metrics_lib.MetricsWriter(workdir, wandb_config=config.wandb, run_config=config.to_dict())
+  writer = metric_writer.MetricsWriter(workdir, wandb_config=config.wandb, run_config=config.to_dict())
   samples_path = os.path.join(workdir, "samples.jsonl")
   base_rng = jax.random.key(config.seed + 1)
   group, k = rl.prompts_per_step, rl.samples_per_prompt
@@ -158,7 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step_prompts = [prompts[i] for i in sft_data.batch_indices(len(prompts), group, step, config.seed)]
       prompt_tokens, prompt_mask = encode_prompts(tokenizer, step_prompts, rl.max_prompt_len)
       prompt_tokens, prompt_mask = np.repeat(prompt_tokens, k, axis=0), np.repeat(prompt_mask, k, axis=0)
-      rollout = sample_fn(state["params"], prompt_tokens=parallel.shard_batch(prompt_tokens, mesh),
+      rollout = sample_fn(training.model_params(state), prompt_tokens=parallel.shard_batch(prompt_tokens, mesh),
                           prompt_mask=parallel.shard_batch(prompt_mask, mesh),
                           rng=jax.random.fold_in(base_rng, step))
       completion, lengths, finished, sampler_logprobs = parallel.to_host(
@@ -178,8 +196,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       started = time.perf_counter()
       batch = train_batch(prompt_tokens, prompt_mask, completion, lengths, finished, rl.mask_truncated)
       device_batch = parallel.shard_batch(batch, mesh)
-      old_logprobs = logprob_fn(state["params"], device_batch)
-      ref_logprobs = logprob_fn(ref_params, device_batch)
+      old_logprobs = logprob_fn(training.model_params(state), device_batch)
+      ref_logprobs = ref_logprob_fn(ref_params, device_batch)
       host_old, host_ref = parallel.to_host((old_logprobs, ref_logprobs))
       mask = batch["completion_mask"]
       if rl.kl_mode == "k1_reward":
