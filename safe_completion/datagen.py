@@ -186,10 +186,8 @@ class RecordWriter:
     os.makedirs(directory, exist_ok=True)
     self.directory, self.shard_size = directory, shard_size
     self.dropped_path = os.path.join(directory, "dropped.jsonl")
-    self.kept_ids: set[str] = set()
-    for path in self.shards():
-      self.kept_ids.update(row["id"] for row in jsonl.read_rows(path))
-    self._kept_count = len(self.kept_ids)
+    kept = [row["id"] for path in self.shards() for row in jsonl.read_rows(path)]
+    self.kept_ids, self._kept_count = set(kept), len(kept)
     dropped = self.compact()
     self.retry = {i: row for i, row in dropped.items()
                   if retry_dropped and row.get("reason_class", reason_class(row["reasons"])) == "transient"}
@@ -333,7 +331,7 @@ def sft_record(prompt: records.PromptRecord, arm: str, sample: TeacherSample, gr
 
 
 def compute_stats(writer: RecordWriter) -> dict:
-  """Kept and dropped counts per (category, intent), and the reasons of every failed attempt."""
+  """Kept and dropped counts (`dropped:<class>` too) per (category, intent), and every failed attempt's reason."""
   cells = collections.defaultdict(collections.Counter)
   for path in writer.shards():
     for row in jsonl.read_rows(path):

@@ -36,6 +36,8 @@ def test_parse_teacher_output_reads_the_three_blocks():
     (GOOD + "<mode>direct</mode>", "safe_completion", "2 <mode> blocks"),
     (GOOD.replace("safe_completion</mode>", "helpful</mode>"), "safe_completion", "mode 'helpful' not allowed"),
     (GOOD, "refusal", "mode 'safe_completion' not allowed for arm refusal"),
+    (GOOD.replace("overview", "overview \ud800"), "safe_completion", "not UTF-8 text: lone surrogate at position"),
+    (None, "safe_completion", "expected text, got NoneType"),
 ])
 def test_parse_teacher_output_rejects_malformed_output(text, arm, reason):
   with pytest.raises(datagen.TeacherParseError, match=reason):
