@@ -81,6 +81,20 @@ class Completion:
                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
 
+def sampled_completion(text: str, *, finished: bool, stop: Sequence[str], prompt_tokens: int,
+                       completion_tokens: int) -> Completion:
+  """A local sampler's decoded text as a `Completion`, cut before the first stop string.
+
+  finish_reason is "stop" when the text was cut or the row ended (EOS), else "length".
+  """
+  finish_reason = "stop" if finished else "length"
+  cuts = [text.find(s) for s in stop if s in text]
+  if cuts:
+    text, finish_reason = text[:min(cuts)], "stop"
+  return Completion.from_raw(text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                             completion_tokens=completion_tokens)
+
+
 @runtime_checkable
 class Backend(Protocol):
   """Anything that completes chat conversations.

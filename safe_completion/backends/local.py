@@ -61,14 +61,7 @@ class LocalBackend:
 
   def left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """[batch_size, max_prompt_len] tokens and mask; missing rows are one pad token (discarded)."""
-    tokens = np.full((self.batch_size, self.max_prompt_len), self.pad_id, np.int32)
-    mask = np.zeros_like(tokens)
-    mask[len(prompts):, -1] = 1  # The sampler needs a real token in every row.
-    for row, prompt in enumerate(prompts):
-      if prompt:
-        tokens[row, -len(prompt):] = prompt
-        mask[row, -len(prompt):] = 1
-    return tokens, mask
+    return chat.left_pad(prompts, self.max_prompt_len, self.pad_id, rows=self.batch_size)
 
   def generate(self, conversations: Sequence[Sequence[Mapping[str, str]]],
                params: base.SamplingParams) -> list[list[base.Completion]]:
@@ -91,10 +84,6 @@ class LocalBackend:
 
   def _completion(self, tokens: np.ndarray, length: int, finished: bool, prompt_tokens: int,
                   stop: Sequence[str]) -> base.Completion:
-    text = chat.decode_completion(self.tokenizer, tokens, length, finished)
-    finish_reason = "stop" if finished else "length"
-    cuts = [text.find(s) for s in stop if s in text]
-    if cuts:
-      text, finish_reason = text[:min(cuts)], "stop"
-    return base.Completion.from_raw(text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                                    completion_tokens=length)
+    return base.sampled_completion(chat.decode_completion(self.tokenizer, tokens, length, finished),
+                                   finished=finished, stop=stop, prompt_tokens=prompt_tokens,
+                                   completion_tokens=length)

@@ -171,15 +171,5 @@ class ServeEngine:
       if time.monotonic() > deadline:
         raise Cancelled("deadline")
       state = self._decode(self._params, state, limit, temperature, top_p)
-    return [self._completion(texts[r], int(lengths[r]), bool(done[r]), len(prompt), params.stop)
-            for r in range(rows)]
-
-  @staticmethod
-  def _completion(text: str, length: int, finished: bool, prompt_tokens: int,
-                  stop: Sequence[str]) -> base.Completion:
-    finish_reason = "stop" if finished else "length"
-    cuts = [text.find(s) for s in stop if s in text]
-    if cuts:
-      text, finish_reason = text[:min(cuts)], "stop"
-    return base.Completion.from_raw(text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                                    completion_tokens=length)
+    return [base.sampled_completion(texts[r], finished=bool(done[r]), stop=params.stop, prompt_tokens=len(prompt),
+                                    completion_tokens=int(lengths[r])) for r in range(rows)]

@@ -85,6 +85,25 @@ def tokenize_sft_example(tokenizer, messages: Sequence[dict], cot: str, answer: 
   return TokenizedExample(np.asarray(full_ids, np.int32), loss_mask)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int,
+             rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Prompt ids right-aligned in [rows, width] int32 tokens and mask (rows: default one per prompt).
+
+  Rows past the prompts hold one pad token with mask 1: a sampler needs a real
+  token in every row (their outputs are discarded).
+  """
+  if rows is None:
+    rows = len(prompts)
+  tokens = np.full((rows, width), pad_id, np.int32)
+  mask = np.zeros_like(tokens)
+  mask[len(prompts):, -1] = 1
+  for row, prompt in enumerate(prompts):
+    if prompt:
+      tokens[row, -len(prompt):] = prompt
+      mask[row, -len(prompt):] = 1
+  return tokens, mask
+
+
 def pad_examples(examples: Sequence[TokenizedExample], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   """One example per row, right-padded to `seq_len` (longer examples must be filtered first)."""
   batch = {name: np.zeros((len(examples), seq_len), np.int32)

@@ -38,22 +38,18 @@ from safe_completion.rl import rewards as rewards_lib
 
 def encode_prompts(tokenizer, prompts: list[records.PromptRecord], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompt tokens and mask [G, max_prompt_len] through the chat template."""
-  tokens = np.full((len(prompts), max_prompt_len), tokenizer.pad_token_id, np.int32)
-  mask = np.zeros((len(prompts), max_prompt_len), np.int32)
-  for row, prompt in enumerate(prompts):
-    ids = chat.encode_prompt(tokenizer, prompt.messages)
+  encoded = [chat.encode_prompt(tokenizer, prompt.messages) for prompt in prompts]
+  for prompt, ids in zip(prompts, encoded):
     if len(ids) > max_prompt_len:
       raise ValueError(f"prompt {prompt.id} has {len(ids)} tokens > rl.max_prompt_len={max_prompt_len}")
-    tokens[row, max_prompt_len - len(ids):] = ids
-    mask[row, max_prompt_len - len(ids):] = 1
-  return tokens, mask
+  return chat.left_pad(encoded, max_prompt_len, tokenizer.pad_token_id)
 
 
 def train_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, completion: np.ndarray, lengths: np.ndarray,
                 finished: np.ndarray, mask_truncated: bool) -> dict[str, np.ndarray]:
   """Prompt + completion as one sequence per row, positions continuing, mask on the completion."""
   prompt_len, width = prompt_tokens.shape[1], completion.shape[1]
-  prompt_positions = np.maximum(np.cumsum(prompt_mask, axis=1) - 1, 0) * prompt_mask
+  prompt_positions = np.asarray(transformer.positions_from_mask(prompt_mask))
   completion_positions = prompt_positions[:, -1:] + 1 + np.arange(width)[None, :]
   completion_valid = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
   completion_mask = pg.completion_mask_from_lengths(prompt_len, prompt_len + width, jnp.asarray(lengths),
