@@ -10,14 +10,27 @@ from safe_completion.graders import factory
 from tests import scripted_server
 
 
-def test_eval_of_an_endpoint_writes_graded_completions_metrics_and_report(tiny_reward_model_dir, tmp_path):
+def echo_endpoint():
+  """The real local OpenAI-compatible server with the echo model; yields its URL."""
   port = scripted_server.free_port()
-  with scripted_server.running_server(["tests.scripted_server", "--kind=echo", f"--port={port}"], port) as url:
-    config = eval_config.get_config("endpoint")
-    config.model.endpoint.base_url, config.model.endpoint.model = url, "scripted-echo"
-    config.grader.kind, config.grader.reward_model_dir = "reward_model", tiny_reward_model_dir
-    config.data.max_prompts, config.samples_per_prompt, config.bootstrap_samples = 6, 2, 50
-    config.attacks.names, config.attacks.samples_per_prompt = ("rot13",), 1
+  return scripted_server.running_server(["tests.scripted_server", "--kind=echo", f"--port={port}"], port)
+
+
+def endpoint_config(url, reward_model_dir, *, samples_per_prompt, bootstrap_samples, attack_names):
+  """The `endpoint` eval preset against `url`, graded by the reward model, on 6 prompts."""
+  config = eval_config.get_config("endpoint")
+  config.model.endpoint.base_url, config.model.endpoint.model = url, "scripted-echo"
+  config.grader.kind, config.grader.reward_model_dir = "reward_model", reward_model_dir
+  config.data.max_prompts, config.samples_per_prompt, config.bootstrap_samples = 6, samples_per_prompt, bootstrap_samples
+  config.attacks.names, config.attacks.samples_per_prompt = attack_names, 1
+  return config
+
+
+
+def test_eval_of_an_endpoint_writes_graded_completions_metrics_and_report(tiny_reward_model_dir, tmp_path):
+  with echo_endpoint() as url:
+    config = endpoint_config(url, tiny_reward_model_dir, samples_per_prompt=2, bootstrap_samples=50,
+                             attack_names=("rot13",))
     results = evaluate.run(config, str(tmp_path))
 
   completions = metrics_lib.read_completions(str(tmp_path / "completions.jsonl"))
@@ -41,13 +54,9 @@ class RecordingGrader:
 
 
 def test_attacked_responses_are_graded_against_the_original_request(tiny_reward_model_dir, tmp_path):
-  port = scripted_server.free_port()
-  with scripted_server.running_server(["tests.scripted_server", "--kind=echo", f"--port={port}"], port) as url:
-    config = eval_config.get_config("endpoint")
-    config.model.endpoint.base_url, config.model.endpoint.model = url, "scripted-echo"
-    config.grader.kind, config.grader.reward_model_dir = "reward_model", tiny_reward_model_dir
-    config.data.max_prompts, config.samples_per_prompt, config.bootstrap_samples = 6, 1, 0
-    config.attacks.names, config.attacks.samples_per_prompt = ("prefill", "base64"), 1
+  with echo_endpoint() as url:
+    config = endpoint_config(url, tiny_reward_model_dir, samples_per_prompt=1, bootstrap_samples=0,
+                             attack_names=("prefill", "base64"))
     grader = RecordingGrader(factory.make_grader(config.grader))
     evaluate.evaluate_model(config, str(tmp_path), evaluate.make_backend(config.model), grader)
 
