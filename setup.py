@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "flax>=0.10",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
+    "qwix>=0.1.8",  # LoRA adapters (safe_completion/lora.py).
     "ml-collections>=1.0",
     "absl-py>=2.0",
     "transformers>=5.0",  # The shipped tokenizer uses the v5 format.

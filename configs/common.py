@@ -89,6 +89,14 @@ def optimizer(learning_rate: float, warmup_steps: int) -> mlc.ConfigDict:
                              grad_accum_steps=1))
 
 
+def lora(rank: int = 0, alpha: float = 16.0) -> mlc.ConfigDict:
+  """LoRA adapters (safe_completion/lora.py, through qwix): rank 0 = off, full fine-tuning.
+
+  With rank r > 0 only the adapters of `target_modules` (q, k, v, o, gate, up, down) train, scaled by alpha / r.
+  """
+  return mlc.ConfigDict(dict(rank=rank, alpha=alpha, target_modules=("q", "k", "v", "o", "gate", "up", "down")))
+
+
 def checkpointing(every_steps: int, keep: int = 2) -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(every_steps=every_steps, keep=keep, async_save=True))
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import ml_collections
 
+from safe_completion import lora
 from safe_completion import taxonomy
 
 
@@ -38,8 +39,26 @@ def _keep(value: Any) -> str | None:
   return None if value >= 2 else "must be >= 2 (the non-finite stop needs an earlier checkpoint to keep)"
 
 
+def _lora_rank(value: Any) -> str | None:
+  ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+  return None if ok else "must be an integer >= 0 (0 = LoRA off)"
+
+
+def _lora_alpha(value: Any) -> str | None:
+  return None if isinstance(value, int | float) and math.isfinite(value) and value > 0 else "must be finite and > 0"
+
+
+def _lora_targets(value: Any) -> str | None:
+  names = (value,) if isinstance(value, str) else tuple(value)
+  unknown = sorted(set(names) - set(lora.TARGETS))
+  if not names or unknown:
+    return f"must be a non-empty subset of {list(lora.TARGETS)}" + (f" (unknown: {unknown})" if unknown else "")
+  return None
+
+
 _TRAINING = {"num_steps": _positive, "checkpoint.every_steps": _positive, "checkpoint.keep": _keep,
-             "optimizer.learning_rate": _learning_rate, "optimizer.grad_accum_steps": _positive}
+             "optimizer.learning_rate": _learning_rate, "optimizer.grad_accum_steps": _positive,
+             "lora.rank": _lora_rank, "lora.alpha": _lora_alpha, "lora.target_modules": _lora_targets}
 CHECKS = {
     "sft": {**_TRAINING, "batch_size": _positive, "data.seq_len": _positive, "data.eval_fraction": _fraction,
             "data.arm": _arm, "log_every": _positive, "eval_every": _positive},

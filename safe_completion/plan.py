@@ -27,6 +27,7 @@ from absl import flags
 
 from configs import common
 from configs import launch as launch_presets
+from safe_completion import lora
 from safe_completion import parallel
 from safe_completion.models import sampling
 from safe_completion.models import transformer
@@ -88,6 +89,18 @@ def param_stats(config: transformer.ModelConfig, sizes: dict[str, int], rules=pa
     if any(dim % factor for dim, factor in zip(shape.shape, factors)):
       indivisible.append(f"{jax.tree_util.keystr(path)} {shape.shape} split {tuple(factors)}")
   return ParamStats(count, per_device, layers, tuple(indivisible))
+
+
+def adapter_bytes(config: transformer.ModelConfig, lora_config: lora.LoraConfig, sizes: dict[str, int],
+                  rules=parallel.DEFAULT_RULES) -> tuple[int, int]:
+  """(count, one device's bytes) of the float32 LoRA adapters, sharded as qwix names their axes."""
+  shapes = jax.eval_shape(lambda rng: lora.init_adapters(config, lora_config, rng), jax.random.key(0))
+  specs = lora.logical_adapter_specs(config, lora_config)
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+  nbytes = sum(sharded_nbytes(x.shape, x.dtype, split_factors(spec, sizes, rules))
+               for x, spec in zip(jax.tree.leaves(shapes), flat_specs))
+  return count, nbytes
 
 
 def kv_cache_bytes(config: transformer.ModelConfig, batch: int, max_len: int, sizes: dict[str, int],
@@ -212,11 +225,14 @@ def _update_rows(config, batch: int, seq_len: int, sizes, rules, label: str, pha
 
 def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: float, batch_size: int, seq_len: int,
               stage: str = "sft", rl_batch: int = 0, max_new_tokens: int = 0, grad_accum_steps: int = 1,
-              rules=parallel.DEFAULT_RULES, **model_overrides) -> Plan:
+              rules=parallel.DEFAULT_RULES, lora_rank: int = 0, **model_overrides) -> Plan:
   """Per-device memory of one SFT train step, or of one RL step (rollout, log-probs, update).
 
   For RL, `seq_len` is the prompt length, `rl_batch` the rollout batch (prompts x samples)
   and `batch_size` the update minibatch; sequences are prompt + `max_new_tokens` long.
+  With `lora_rank` > 0 (adapters on q, k, v, o, gate, up, down) the base is frozen: gradients
+  and moments are the float32 adapters'; RL's reference is the base itself, and the sampler runs
+  merged weights (a params-sized copy). The adapters' own activations (r per target) are ignored.
   """
   if stage not in ("sft", "rl"):
     raise ValueError(f"stage={stage!r} is not one of ['rl', 'sft']")
@@ -224,16 +240,26 @@ def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: floa
   sizes = axis_sizes(mesh_shape, devices)
   params = param_stats(config, sizes, rules)
   # Moments take the params' dtype (optax's mu_dtype=None); gradients are params-shaped too.
-  rows = [Row("params", params.bytes_per_device, "state", f"{params.count / 1e9:.2f}B x {config.param_dtype}"),
-          Row("optimizer (AdamW mu, nu)", 2 * params.bytes_per_device, "state", f"2 x {config.param_dtype}"),
-          Row("gradients", params.bytes_per_device, "state", config.param_dtype)]
+  rows = [Row("params", params.bytes_per_device, "state", f"{params.count / 1e9:.2f}B x {config.param_dtype}"
+               + (", frozen base" if lora_rank else ""))]
+  trained, trained_dtype = params.bytes_per_device, config.param_dtype
+  if lora_rank:
+    lora_config = lora.LoraConfig(lora_rank, 2.0 * lora_rank, tuple(lora.TARGETS))
+    count, trained = adapter_bytes(config, lora_config, sizes, rules)
+    trained_dtype = "float32 adapters"
+    rows.append(Row("LoRA adapters", trained, "state", f"rank {lora_rank}, {count / 1e6:.1f}M x float32"))
+  rows += [Row("optimizer (AdamW mu, nu)", 2 * trained, "state", f"2 x {trained_dtype}"),
+           Row("gradients", trained, "state", trained_dtype)]
   if grad_accum_steps > 1:  # optax.MultiSteps keeps a params-shaped sum of the micro-batch gradients.
-    rows.append(Row("gradient accumulator", params.bytes_per_device, "state", f"{grad_accum_steps} micro-batches"))
+    rows.append(Row("gradient accumulator", trained, "state", f"{grad_accum_steps} micro-batches"))
   if stage == "sft":
     rows += _update_rows(config, batch_size, seq_len, sizes, rules, "train step", "update")
   else:
     total_len = seq_len + max_new_tokens
-    rows.append(Row("reference params", params.bytes_per_device, "state", "frozen SFT model"))
+    if lora_rank:  # The reference is the frozen base; the sampler runs base + adapters merged.
+      rows.append(Row("merged weights (rollout)", params.bytes_per_device, "rollout", "lora.merge for the sampler"))
+    else:
+      rows.append(Row("reference params", params.bytes_per_device, "state", "frozen SFT model"))
     cache_len = total_len - 1  # The sampler never feeds back its last token.
     # `sampling.sample` splits the stacked layer weights into per-layer arrays (`unstack_params`): a copy.
     rows.append(Row("sampler weights (rollout)", params.layer_bytes_per_device, "rollout",
@@ -246,7 +272,7 @@ def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: floa
     rows += _update_rows(config, batch_size, total_len, sizes, rules, "update", "update")
   mesh = ",".join(f"{axis}={size}" for axis, size in sizes.items())
   header = (f"{model} {stage} on {devices} devices (mesh {mesh}), params {config.param_dtype}, "
-            f"compute {config.dtype}")
+            f"compute {config.dtype}" + (f", LoRA rank {lora_rank}" if lora_rank else ""))
   return Plan(header, tuple(rows), int(hbm_gib * GIB), params, _split("activation_batch", sizes, rules), batch_size)
 
 
@@ -313,6 +339,9 @@ _SEQ = flags.DEFINE_integer("seq_len", None, "SFT sequence length, or RL prompt 
 _RL_BATCH = flags.DEFINE_integer("rl_batch", None, "RL rollout batch (prompts x samples); default: stage preset.")
 _NEW = flags.DEFINE_integer("max_new_tokens", None, "RL completion length; default: stage preset.")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "config.optimizer.grad_accum_steps (adds an accumulator).")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "config.lora.rank: > 0 trains only LoRA adapters on a frozen base.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
+                                 "Override the preset's (a frozen LoRA base needs no float32 master copy).")
 _REMAT = flags.DEFINE_enum("remat_policy", None, ["none", "full", "dots", "dots_no_batch"], "Override the preset's.")
 
 
@@ -336,10 +365,12 @@ def main(argv: Sequence[str]) -> None:
   if missing:
     raise app.UsageError(f"no preset default for {_MODEL.value} {_STAGE.value}; pass {', '.join(missing)}")
   overrides = {"remat_policy": _REMAT.value} if _REMAT.value else {}
+  if _PARAM_DTYPE.value:
+    overrides["param_dtype"] = _PARAM_DTYPE.value
   plan = make_plan(_MODEL.value, mesh, devices, hbm, stage=_STAGE.value, rl_batch=values["rl_batch"] or 0,
                    max_new_tokens=values["max_new_tokens"] or 0, grad_accum_steps=_ACCUM.value,
                    batch_size=values["batch_size"],
-                   seq_len=values["seq_len"], **overrides)
+                   seq_len=values["seq_len"], lora_rank=_LORA_RANK.value, **overrides)
   print(format_plan(plan))
 
 

@@ -19,6 +19,7 @@ import tqdm
 
 from safe_completion import checkpoint
 from safe_completion import flops
+from safe_completion import lora
 from safe_completion import metrics as metric_writer
 from safe_completion import parallel
 from safe_completion import training
@@ -42,7 +43,7 @@ def loss_fn(params: Any, model_config: transformer.ModelConfig, batch: dict) -> 
 def train_step(state: training.State, batch: dict, *, model_config: transformer.ModelConfig,
                optimizer: optax.GradientTransformation, schedule: Callable) -> tuple[training.State, dict]:
   """One guarded optimizer step (`training.apply_gradients`); a batch without loss tokens is skipped."""
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], model_config, batch)
+  (loss, aux), grads = training.value_and_grad(loss_fn, state, model_config, batch)
   new_state, metrics = training.apply_gradients(state, grads, loss, optimizer, has_signal=aux["loss_tokens"] > 0)
   return new_state, {**metrics, "learning_rate": schedule(state["step"]), "loss_tokens": aux["loss_tokens"]}
 
@@ -73,15 +74,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_steps = config.num_steps
   optimizer, schedule = training.make_optimizer(config, num_steps)
   ckpt = training.checkpoint_manager(config, workdir)
+  lora_config = lora.from_config(config)
   state, shardings, start_step = training.create_state(
       model_config, optimizer, mesh, rules, ckpt,
       lambda param_shardings: training.initial_params(model_config, param_shardings, seed=config.seed,
-                                                      hf_dir=config.init.hf_dir))
+                                                      hf_dir=config.init.hf_dir),
+      lora_config=lora_config, seed=config.seed)
 
   step_fn = training.jit_step(train_step, shardings, mesh, model_config=model_config, optimizer=optimizer,
                               schedule=schedule)
   eval_fn = jax.jit(functools.partial(eval_step, model_config=model_config),
-                    in_shardings=(shardings["params"], parallel.batch_sharding(mesh)),
+                    in_shardings=(training.model_params(shardings), parallel.batch_sharding(mesh)),
                     out_shardings=parallel.replicated(mesh))
   checkpoint.save_model_metadata(workdir, model_config, tokenizer)
   flops_per_token = flops.train_flops_per_token(model_config, config.data.seq_len)
@@ -103,16 +106,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last = {**step_metrics, "tokens_per_second": tokens_per_second, "step_seconds": seconds,
               "mfu": flops.mfu(tokens_per_second * flops_per_token, mesh.devices.flatten().tolist())}
       if (step + 1) % config.eval_every == 0 or step + 1 == num_steps:
-        last["eval_loss"] = evaluate(eval_fn, state["params"], dataset, mesh)
-      if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
-        writer.write(step + 1, last)
+        last["eval_loss"] = evaluate(eval_fn, training.model_params(state), dataset, mesh)
+      if (step + 1) % config.log_every == 0 or step + 1 == num_steps or "eval_loss" in last:
+        writer.write(step + 1, last)  # Steps with an eval are always written, whatever log_every says.
         progress.set_postfix(loss=f"{last['loss']:.3f}")
       training.save(ckpt, step + 1, state, num_steps)
   training.close(ckpt)
   writer.close()
   if config.export_hf_dir:
     from safe_completion.models import convert
-    host_params = parallel.to_host(state["params"])  # A collective: every process takes part.
+    params = state["params"]
+    if lora_config is not None:  # The adapters folded into the base: a plain model for transformers and vLLM.
+      params = jax.jit(lora.merge, out_shardings=shardings["base"].params)(training.model_params(state))
+    host_params = parallel.to_host(params)  # A collective: every process takes part.
     if jax.process_index() == 0:
       convert.export_hf(host_params, model_config, config.export_hf_dir, architecture=config.export_architecture,
                         tokenizer=tokenizer)

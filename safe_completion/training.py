@@ -11,6 +11,10 @@ Not a stage: trainers import it, it imports no trainer.
   checkpoint into them; only without one are params initialised (jitted random
   init, HF conversion or the SFT model) onto the mesh. A restart never converts
   again and never holds two states.
+- LoRA (`config.lora.rank` > 0): `params` are the adapters (only they train and
+  live in the optimizer state and checkpoints); the frozen base rides along as
+  `state["base"]` (a `lora.Base`), is rebuilt by `init_params` on every start,
+  and is never donated. `model_params(state)` is what the forward pass takes.
 - Non-finite policy: `apply_gradients` keeps the old state when the loss, the
   gradient or the new params are not finite; `stop_if_non_finite` then deletes
   every checkpoint from that step on (a state whose step failed is suspect) and
@@ -30,6 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from safe_completion import checkpoint
+from safe_completion import lora
 from safe_completion import parallel
 from safe_completion.models import transformer
 
@@ -66,8 +71,12 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> tuple[o
 
 def token_logprobs(params: Any, model_config: transformer.ModelConfig, batch: dict,
                    temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """Log-probs [B, T-1] of each next token at `temperature`, and the per-token entropy (SFT and RL alike)."""
-  logits = transformer.forward(params, model_config, batch["tokens"], batch["positions"], batch["segment_ids"])
+  """Log-probs [B, T-1] of each next token at `temperature`, and the per-token entropy (SFT and RL alike).
+
+  `params` are decoder params, or `lora.LoraParams` for the adapted model.
+  """
+  forward = lora.forward if isinstance(params, lora.LoraParams) else transformer.forward
+  logits = forward(params, model_config, batch["tokens"], batch["positions"], batch["segment_ids"])
   logits = logits[:, :-1].astype(jnp.float32)
   if temperature != 1.0:
     logits = logits / temperature
@@ -75,6 +84,26 @@ def token_logprobs(params: Any, model_config: transformer.ModelConfig, batch: di
   logprobs = jnp.take_along_axis(log_softmax, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
   entropy = -jnp.sum(jnp.exp(log_softmax) * log_softmax, axis=-1)
   return logprobs, entropy
+
+
+def model_params(state: State) -> Any:
+  """What the forward pass takes: the params, or with LoRA the frozen base and the adapters (`lora.LoraParams`)."""
+  if "base" in state:
+    return lora.LoraParams(state["base"], state["params"])
+  return state["params"]
+
+
+def trained(state: State) -> State:
+  """The state without the frozen LoRA base: what the optimizer updates and checkpoints hold."""
+  return {name: value for name, value in state.items() if name != "base"}
+
+
+def value_and_grad(loss_fn: Callable, state: State, *args) -> tuple[tuple[jax.Array, Any], Any]:
+  """((loss, aux), grads) of `loss_fn(model_params(state), *args)`, the gradient w.r.t. `state["params"]` only."""
+  if "base" not in state:
+    return jax.value_and_grad(loss_fn, has_aux=True)(state["params"], *args)
+  adapted = lambda adapters, *rest: loss_fn(lora.LoraParams(state["base"], adapters), *rest)
+  return jax.value_and_grad(adapted, has_aux=True)(state["params"], *args)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -96,8 +125,8 @@ def apply_gradients(state: State, grads: Any, loss: jax.Array, optimizer: optax.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
   apply = finite & jnp.asarray(has_signal)
   new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-  new_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state)
-  return new_state, {"loss": loss, "grad_norm": grad_norm, "non_finite": 1.0 - finite.astype(jnp.float32),
+  new_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, trained(state))
+  return {**state, **new_state}, {"loss": loss, "grad_norm": grad_norm, "non_finite": 1.0 - finite.astype(jnp.float32),
                      "update_skipped": 1.0 - apply.astype(jnp.float32)}
 
 
@@ -116,10 +145,21 @@ def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str) -> ocp.C
 
 
 def state_shardings(model_config: transformer.ModelConfig, optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, rules) -> tuple[State, State]:
-  """(abstract state with shardings, shardings), allocating nothing; optimizer moments shard like their params."""
-  param_shapes = jax.eval_shape(lambda r: transformer.init_params(model_config, r), jax.random.key(0))
-  param_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
+                    mesh: jax.sharding.Mesh, rules,
+                    lora_config: lora.LoraConfig | None = None) -> tuple[State, State]:
+  """(abstract state with shardings, shardings), allocating nothing; optimizer moments shard like their params.
+
+  With `lora_config` the params are the adapters; the abstract state is what a
+  checkpoint holds (no base) and the shardings add the base's as `"base"`.
+  """
+  base_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
+  if lora_config is None:
+    param_shapes = jax.eval_shape(lambda r: transformer.init_params(model_config, r), jax.random.key(0))
+    param_shardings = base_shardings
+  else:
+    param_shapes = jax.eval_shape(functools.partial(lora.init_adapters, model_config, lora_config), jax.random.key(0))
+    param_shardings = parallel.logical_to_shardings(lora.logical_adapter_specs(model_config, lora_config), mesh,
+                                                    rules)
   parallel.check_divisible(param_shapes, param_shardings)
   replicated = parallel.replicated(mesh)
   opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
@@ -128,6 +168,8 @@ def state_shardings(model_config: transformer.ModelConfig, optimizer: optax.Grad
   shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
   shapes = {"params": param_shapes, "opt_state": opt_shapes, "step": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  if lora_config is not None:
+    shardings = {**shardings, "base": lora.Base(base_shardings, lora_config)}
   return abstract, shardings
 
 
@@ -144,31 +186,57 @@ def initial_params(model_config: transformer.ModelConfig, param_shardings: Any, 
 
 def create_state(model_config: transformer.ModelConfig, optimizer: optax.GradientTransformation,
                  mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES, ckpt: ocp.CheckpointManager | None = None,
-                 init_params: Callable[[Any], Any] | None = None) -> tuple[State, State, int]:
+                 init_params: Callable[[Any], Any] | None = None, lora_config: lora.LoraConfig | None = None,
+                 seed: int = 0) -> tuple[State, State, int]:
   """(state, shardings, loop step to start at): the latest checkpoint of `ckpt` restored, else a new state.
 
   `init_params(param_shardings)` returns params on the mesh that the state may
   own (they are donated); it runs only when there is no checkpoint (default: a
   random init from seed 0). A new state is saved as checkpoint 0 of `ckpt`.
+  With `lora_config`, `init_params` gives the frozen base on every start (it
+  is not donated) and fresh adapters come from `seed`.
   """
-  abstract, shardings = state_shardings(model_config, optimizer, mesh, rules)
+  abstract, shardings = state_shardings(model_config, optimizer, mesh, rules, lora_config)
+  init_params = init_params or functools.partial(initial_params, model_config, seed=0)
+  base = {} if lora_config is None else {"base": lora.Base(init_params(shardings["base"].params), lora_config)}
   if ckpt is not None and ckpt.latest_step() is not None:
     state, _ = checkpoint.restore(ckpt, abstract)
-    return state, shardings, ckpt.latest_step()
-  init_params = init_params or functools.partial(initial_params, model_config, seed=0)
+    return {**state, **base}, shardings, ckpt.latest_step()
   # Placed by jit, not device_put: on several processes the replicated sharding is not addressable.
   build = jax.jit(lambda p: {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32)},
-                  out_shardings=shardings, donate_argnums=0)
-  state = build(init_params(shardings["params"]))
+                  out_shardings=trained(shardings), donate_argnums=0)
+  if lora_config is None:
+    state = build(init_params(shardings["params"]))
+  else:
+    adapters = jax.jit(functools.partial(lora.init_adapters, model_config, lora_config),
+                       out_shardings=shardings["params"])(jax.random.key(seed))
+    state = {**build(adapters), **base}
   if ckpt is not None:
-    checkpoint.save(ckpt, 0, state, {"reason": "initial state"}, force=True)
+    checkpoint.save(ckpt, 0, trained(state), {"reason": "initial state"}, force=True)
   return state, shardings, 0
 
 
 def jit_step(step_fn: Callable, shardings: State, mesh: jax.sharding.Mesh, **static) -> Callable:
-  """`step_fn(state, batch, **static)` jitted with the state donated, the batch split, metrics replicated."""
-  return jax.jit(functools.partial(step_fn, **static), in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  """`step_fn(state, batch, **static)` jitted with the state donated, the batch split, metrics replicated.
+
+  A LoRA base is an argument of its own, not donated: the step reads it and hands the same arrays back.
+  """
+  if "base" not in shardings:
+    return jax.jit(functools.partial(step_fn, **static), in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+  def adapted_step(base, state, batch):
+    new_state, metrics = step_fn({**state, "base": base}, batch, **static)
+    return trained(new_state), metrics
+
+  jitted = jax.jit(adapted_step, in_shardings=(shardings["base"], trained(shardings), parallel.batch_sharding(mesh)),
+                   out_shardings=(trained(shardings), parallel.replicated(mesh)), donate_argnums=1)
+
+  def step(state, batch):
+    new_state, metrics = jitted(state["base"], trained(state), batch)
+    return {**new_state, "base": state["base"]}, metrics
+
+  return step
 
 
 def stop_if_non_finite(ckpt: ocp.CheckpointManager, step: int, non_finite: bool, what: str) -> None:
@@ -187,7 +255,7 @@ def stop_if_non_finite(ckpt: ocp.CheckpointManager, step: int, non_finite: bool,
 
 def save(ckpt: ocp.CheckpointManager, step: int, state: State, num_steps: int) -> None:
   """Checkpoint `step` (loop steps done) when the interval says so, and always the last one."""
-  checkpoint.save(ckpt, step, state, {"num_steps": num_steps}, force=step == num_steps)
+  checkpoint.save(ckpt, step, trained(state), {"num_steps": num_steps}, force=step == num_steps)
 
 
 def close(ckpt: ocp.CheckpointManager) -> None:

@@ -140,7 +140,7 @@ def update_step(state: dict, batch: dict, *, model_config: transformer.ModelConf
     metrics["entropy"] = aggregate(entropy, batch["completion_mask"], "token_mean", 1)
     return loss, metrics
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  (loss, metrics), grads = training.value_and_grad(loss_fn, state)
   has_signal = jnp.any((batch["advantages"] != 0) & jnp.any(batch["completion_mask"] > 0, axis=1))
   new_state, update_metrics = training.apply_gradients(state, grads, loss, optimizer, has_signal)
   return new_state, {**metrics, **update_metrics}
