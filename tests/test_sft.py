@@ -86,7 +86,8 @@ def test_non_finite_stops_with_a_finite_state_on_disk_and_a_lower_lr_resumes_fro
 
   final = sft.train(micro_config(num_steps=6, **{**blowup, "optimizer.learning_rate": 3e-3}), str(tmp_path))
   rows = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
-  assert [r["step"] for r in rows[len(logged):]] == list(range(kept + 1, 7))  # Resumed from the kept state.
+  # Resumed from the kept state: the rows up to it are kept, the failed step's row is replaced, once each.
+  assert [r["step"] for r in rows] == list(range(1, 7)) and rows[:kept] == logged[:kept]
   assert np.isfinite(final["loss"]) and final["non_finite"] == 0.0
   with checkpoint.manager(directory, async_save=False) as mngr:
     assert mngr.latest_step() == 6 and _all_finite(checkpoint.restore(mngr, abstract)[0])
