@@ -17,17 +17,33 @@ trained on the other half of the grader data's prompts, with another seed, so re
 shows up as a gap between the two (the report's reward-vs-eval table). For example, an LLM judge as the eval
 grader: --config.eval.grader.kind=llm_judge --config.eval.grader.endpoint.base_url=http://host:8001/v1
 --config.eval.grader.endpoint.model=NAME. `--config.seeds=N` trains each arm N times.
+
+Real models (`llama3_8b`, `qwen2_7b`, `gemma2_9b`; `docs/experiment.md`): the base model is a local HF directory,
+the teacher a reasoning model and the graders LLM judges behind OpenAI-compatible servers (vLLM), one override
+each; a missing one is a start-up error naming the field. Datagen -> SFT -> RL -> eval of both arms -> report ->
+HF export of both arms (`<workdir>/<arm>/seed_<i>/export`), resumed after preemption:
+  python -m safe_completion.main --config=configs/experiment.py:llama3_8b --workdir=/gcs/bucket/experiment \
+    --config.sft.init.hf_dir=/mnt/models/Meta-Llama-3-8B-Instruct \
+    --config.teacher.endpoint.base_url=http://teacher:8000/v1 --config.teacher.endpoint.model=Qwen/QwQ-32B \
+    --config.datagen.judge.endpoint.base_url=http://judge:8001/v1 --config.datagen.judge.endpoint.model=JUDGE \
+    --config.rl.grader.endpoint.base_url=http://judge:8001/v1 --config.rl.grader.endpoint.model=JUDGE \
+    --config.eval.grader.endpoint.base_url=http://eval-judge:8002/v1 --config.eval.grader.endpoint.model=OTHER
+The eval grader must be another model than the RL reward grader. `configs/experiment.py:llama3_8b,runlocal`
+runs the same path on a CPU (tiny shapes, a few prompts and steps; still an HF start, bf16 compute with f32
+master weights, remat, gradient accumulation, the FSDP mesh, HTTP teacher and judges, HF export).
 """
 
 import os
 
 import ml_collections as mlc
 
+from configs import common
 from configs import datagen
 from configs import eval as eval_config
 from configs import reward_model
 from configs import rl
 from configs import sft
+from safe_completion.graders import factory
 
 # The tiny policy's shape. Both arms start SFT from the shipped base with this shape (data/tiny_base,
 # pretrained by scripts/pretrain_tiny_base.py on text that is neither arm's SFT data), as the paper's
@@ -45,12 +61,91 @@ def learned_grader(name: str) -> mlc.ConfigDict:
   return config
 
 
-def get_config(arg: str = "tiny") -> mlc.ConfigDict:
-  if arg != "tiny":
-    raise ValueError(f"unknown experiment preset {arg!r}; choose one of ['tiny']")
+# Real presets: the slice each was sized for and its HF architecture. `python -m safe_completion.plan`, GiB per
+# device on v5p-8 (95 GiB), full fine-tuning (LoRA rank 16 on a bfloat16 base: --lora_rank=16 --param_dtype=bfloat16):
+#   llama3_8b  SFT 79.7 (8 x 32 accumulation steps; LoRA 46.5), RL 67.3 (LoRA 34.1)
+#   qwen2_7b   SFT 78.1 (8 x 32 accumulation steps; LoRA 46.5), RL 65.7 (LoRA 34.2)
+#   gemma2_9b  SFT 69.4 (4 x 64 accumulation steps; LoRA 31.2), RL 81.6 (4 prompts x 4, LoRA 43.5)
+REAL = {"llama3_8b": dict(slice="v5p-8", architecture="LlamaForCausalLM"),
+        "qwen2_7b": dict(slice="v5p-8", architecture="Qwen2ForCausalLM"),
+        "gemma2_9b": dict(slice="v5p-8", architecture="Gemma2ForCausalLM")}
+PRESETS = {"tiny": {}, **{name: {} for name in REAL}}
+
+# Stage budgets of a real run: datagen over all train prompts; SFT 1000 steps of 256 sequences; RL 500 steps of
+# the stage preset's rollout batch; eval of every eval prompt, 4 completions each, with attacks.
+REAL_BUDGETS = {"sft.num_steps": 1000, "sft.checkpoint.every_steps": 100, "sft.eval_every": 100, "rl.num_steps": 500,
+                "rl.checkpoint.every_steps": 50, "rl.sample_table_every": 50, "eval.model.max_prompt_len": 2048,
+                "eval.model.batch_size": 16}
+# runlocal: tiny shapes, a few prompts, 2 steps per stage, short generations. What stays as on the pod: the HF
+# start, the numerics (bfloat16 compute, float32 master weights, remat), gradient accumulation, the FSDP mesh,
+# the HTTP teacher and judges, the export.
+RUNLOCAL = {"teacher.max_tokens": 64, "datagen.data.max_prompts": 8, "datagen.max_attempts": 2,
+            "datagen.batch_size": 4, "sft.num_steps": 2, "sft.batch_size": 8, "sft.optimizer.grad_accum_steps": 2,
+            "sft.optimizer.warmup_steps": 1, "sft.data.seq_len": 256, "sft.checkpoint.every_steps": 1,
+            "sft.checkpoint.async_save": False, "sft.eval_every": 2, "rl.num_steps": 2, "rl.data.max_prompts": 8,
+            "rl.rl.prompts_per_step": 4, "rl.rl.samples_per_prompt": 2, "rl.rl.minibatches": 1,
+            "rl.rl.max_new_tokens": 8, "rl.rl.max_prompt_len": 128, "rl.optimizer.warmup_steps": 1,
+            "rl.checkpoint.every_steps": 1, "rl.checkpoint.async_save": False, "rl.sample_table_every": 1,
+            "eval.data.max_prompts": 4, "eval.samples_per_prompt": 1, "eval.sampling.max_tokens": 8,
+            "eval.model.max_prompt_len": 160, "eval.model.batch_size": 8, "eval.bootstrap_samples": 50,
+            "eval.attacks.names": ("past_tense",)}
+
+
+def judge(arm: str = "safe_completion") -> mlc.ConfigDict:
+  """A grader role that reads the arm's policy: an LLM judge behind an OpenAI-compatible endpoint (any kind
+  `graders.factory` knows fits; a safety classifier kind takes mode and helpfulness from `helpfulness`)."""
+  return mlc.ConfigDict(dict(kind="llm_judge", reward_model_dir="", keyword="", saturation=4,
+                             endpoint=common.endpoint(), arm=arm))
+
+
+def real_config(name: str, runlocal: bool) -> mlc.ConfigDict:
+  """A real open model: HF base, HTTP teacher, LLM-judge roles, the stage presets sized for `REAL[name]`."""
   config = mlc.ConfigDict()
   config.stage = "experiment"
-  config.preset = arg
+  config.preset = name + (",runlocal" if runlocal else "")
+  config.slice = REAL[name]["slice"]
+  config.seed = 0
+  config.seeds = 1
+  config.reward_models = mlc.ConfigDict()  # No learned grader: every role is a judge endpoint.
+  config.teacher = datagen.get_config("endpoint").teacher  # kind http: a reasoning model, OpenAI-compatible.
+  config.datagen = datagen.get_config("endpoint")
+  del config.datagen.teacher  # The experiment's teacher is `config.teacher`.
+  config.datagen.judge = judge()
+  config.sft = sft.get_config(name)
+  config.sft.init.hf_dir = ""  # The base model's HF directory (config.json + safetensors): required.
+  config.sft.export_architecture = REAL[name]["architecture"]
+  config.rl = rl.get_config(name)
+  config.rl.grader = judge()
+  config.eval = eval_config.get_config("endpoint")
+  config.eval.model.kind = "checkpoint"  # Our arms' checkpoints; the experiment sets the path.
+  config.eval.grader = judge()
+  config.eval.grader.classifier = factory.classifier_config()
+  config.eval.grader.helpfulness = judge()
+  config.eval.grader.helpfulness.kind = ""  # Only for a safety classifier kind as the eval grader.
+  config.eval.grader_policy = "safe_completion"
+  config.sft_eval_samples_per_prompt = 1
+  config.export_hf = True  # Both arms' RL models as HF directories, for transformers and vLLM.
+  common.override(config, REAL_BUDGETS)
+  if runlocal:
+    common.override(config, RUNLOCAL)
+    numerics = {k: config.sft.model[k] for k in ("dtype", "param_dtype", "remat_policy")}
+    config.sft.model = common.runlocal_model(config.sft.model)  # Only for a random init; the HF dir's shape wins.
+    config.sft.model.update(numerics)
+  return config
+
+
+def get_config(arg: str = "tiny") -> mlc.ConfigDict:
+  if arg.split(",")[0] == "compare":  # Two endpoints, one eval grader, pairwise report: configs/compare.py.
+    from configs import compare
+    return compare.get_config(arg)
+  name, runlocal = common.parse_arg(arg, PRESETS, "experiment")
+  if name in REAL:
+    return real_config(name, runlocal)
+  if runlocal:
+    raise ValueError("experiment config arg 'tiny,runlocal': tiny already runs locally; use 'tiny'")
+  config = mlc.ConfigDict()
+  config.stage = "experiment"
+  config.preset = name
   config.seed = 0
   config.seeds = 1  # Each arm is trained this many times (seeds seed, seed + 1, ...).
   # Learned graders, trained on disjoint halves of the grader data's prompts with different seeds.
@@ -96,4 +191,5 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   # The SFT checkpoint is evaluated too (one sample per eval prompt, no attacks): does the policy
   # answer in the modes of its SFT data?
   config.sft_eval_samples_per_prompt = 1
+  config.export_hf = False
   return config

@@ -33,6 +33,7 @@ STAGES = {
     "rl": "safe_completion.rl.loop:train",
     "eval": "safe_completion.evaluation.evaluate:run",
     "experiment": "safe_completion.experiment:run",
+    "compare": "safe_completion.evaluation.endpoint_comparison:run",
 }
 
 
