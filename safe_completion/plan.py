@@ -1,17 +1,23 @@
-r"""Memory plan: bytes per device of a model preset on a mesh, before renting the slice.
+r"""Memory plan: bytes per device of a stage config on a mesh, before renting the slice.
 
-  python -m safe_completion.plan --model=llama3_8b --mesh=1,-1,4 --devices=16 --hbm_gib=16
-  python -m safe_completion.plan --model=llama3_8b --slice=v5p-8 --stage=rl
+  python -m safe_completion.plan --config=configs/sft.py:llama3_8b --slice=v5p-8
+  python -m safe_completion.plan --config=configs/rl.py:llama3_8b --sft_config=configs/sft.py:llama3_8b \
+      --slice=v5p-8
+  python -m safe_completion.plan --config=configs/sft.py:llama3_8b --config.batch_size=4 \
+      --mesh=1,-1,4 --devices=16 --hbm_gib=16
 
 Params, gradients and AdamW moments come from the real param shapes
-(`jax.eval_shape` of `init_params`) and the real shardings (the logical axis
-rules mapped over the mesh), so they are exact. Activations and logits are
+(`jax.eval_shape` of `init_params`) and the real shardings (the config's logical
+axis rules mapped over the mesh), so they are exact. Activations and logits are
 estimates (formulas in `activation_bytes_per_token` and `logits_bytes`); XLA
 also keeps some HBM for itself, so treat a plan above ~90% of HBM as a no.
 
-Batch sizes and sequence lengths default to the stage config's preset of the
-same name (`configs/sft.py:llama3_8b`); the mesh to the one `launch/tpu.py`
-passes on `--slice`, else to the stage preset's.
+Everything about the run comes from the stage config, as `main` reads it (any
+field overridable with `--config.a.b=v`): the model, batch sizes, lengths,
+gradient accumulation, LoRA and sharding rules. An RL config takes its model
+from the SFT run it starts from: `config.init.sft_workdir` when set, else the
+SFT config of `--sft_config`. The mesh is `--mesh`, else the slice's, else the
+config's.
 """
 
 import dataclasses
@@ -22,25 +28,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import ml_collections
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
-from configs import common
-from configs import launch as launch_presets
+from safe_completion import checkpoint
 from safe_completion import lora
 from safe_completion import parallel
+from safe_completion import slices
 from safe_completion.models import sampling
 from safe_completion.models import transformer
 
 GIB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def model_config(name: str, **overrides) -> transformer.ModelConfig:
-  """The ModelConfig of a `configs/common.py` preset (TPU numerics for real models)."""
-  if name not in common.MODELS:
-    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(common.MODELS)}")
-  return transformer.model_config(**common.model(name, **overrides).to_dict())
 
 
 def axis_sizes(mesh_shape: Sequence[int], devices: int) -> dict[str, int]:
@@ -223,9 +224,9 @@ def _update_rows(config, batch: int, seq_len: int, sizes, rules, label: str, pha
               "f32 logits + log-softmax")]
 
 
-def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: float, batch_size: int, seq_len: int,
-              stage: str = "sft", rl_batch: int = 0, max_new_tokens: int = 0, grad_accum_steps: int = 1,
-              rules=parallel.DEFAULT_RULES, lora_rank: int = 0, **model_overrides) -> Plan:
+def make_plan(config: transformer.ModelConfig, mesh_shape: Sequence[int], devices: int, hbm_gib: float,
+              batch_size: int, seq_len: int, stage: str = "sft", rl_batch: int = 0, max_new_tokens: int = 0,
+              grad_accum_steps: int = 1, rules=parallel.DEFAULT_RULES, lora_rank: int = 0, name: str = "model") -> Plan:
   """Per-device memory of one SFT train step, or of one RL step (rollout, log-probs, update).
 
   For RL, `seq_len` is the prompt length, `rl_batch` the rollout batch (prompts x samples)
@@ -236,7 +237,6 @@ def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: floa
   """
   if stage not in ("sft", "rl"):
     raise ValueError(f"stage={stage!r} is not one of ['rl', 'sft']")
-  config = model_config(model, **model_overrides)
   sizes = axis_sizes(mesh_shape, devices)
   params = param_stats(config, sizes, rules)
   # Moments take the params' dtype (optax's mu_dtype=None); gradients are params-shaped too.
@@ -271,7 +271,7 @@ def make_plan(model: str, mesh_shape: Sequence[int], devices: int, hbm_gib: floa
                     f"whole rollout batch, {tokens} tokens/device"))
     rows += _update_rows(config, batch_size, total_len, sizes, rules, "update", "update")
   mesh = ",".join(f"{axis}={size}" for axis, size in sizes.items())
-  header = (f"{model} {stage} on {devices} devices (mesh {mesh}), params {config.param_dtype}, "
+  header = (f"{name} {stage} on {devices} devices (mesh {mesh}), params {config.param_dtype}, "
             f"compute {config.dtype}" + (f", LoRA rank {lora_rank}" if lora_rank else ""))
   return Plan(header, tuple(rows), int(hbm_gib * GIB), params, _split("activation_batch", sizes, rules), batch_size)
 
@@ -301,78 +301,82 @@ def format_plan(plan: Plan) -> str:
   return "\n".join(lines)
 
 
-def stage_defaults(stage: str, model: str) -> dict[str, Any]:
-  """batch/seq/mesh of `configs/<stage>.py:<model>` when that preset exists, else {}."""
-  module = __import__(f"configs.{stage}", fromlist=["get_config"])
-  try:
-    config = module.get_config(model)
-  except ValueError:
-    return {}
-  if stage == "sft":
-    return {"batch_size": config.batch_size, "seq_len": config.data.seq_len, "mesh": tuple(config.mesh.shape)}
-  rl = config.rl
-  rl_batch = rl.prompts_per_step * rl.samples_per_prompt
-  return {"batch_size": rl_batch // rl.minibatches, "seq_len": rl.max_prompt_len, "rl_batch": rl_batch,
-          "max_new_tokens": rl.max_new_tokens, "mesh": tuple(config.mesh.shape)}
+def model_of(config: ml_collections.ConfigDict,
+             sft_config: ml_collections.ConfigDict | None = None) -> transformer.ModelConfig:
+  """The architecture a stage config trains, as the stage builds it.
+
+  SFT: the HF checkpoint's config.json when `init.hf_dir` is set, else `config.model`.
+  RL: the model of the SFT run it starts from (`init.sft_workdir`, else `sft_config`), with RL's remat policy.
+  """
+  if config.stage == "sft":
+    if config.init.hf_dir:
+      from safe_completion.models import convert
+      return convert.load_hf_config(config.init.hf_dir, dtype=config.model.dtype,
+                                    param_dtype=config.model.param_dtype, remat_policy=config.model.remat_policy)
+    return transformer.model_config(**config.model.to_dict())
+  if config.stage != "rl":
+    raise ValueError(f"config.stage={config.stage!r}: plan sizes 'sft' and 'rl' configs")
+  if config.init.sft_workdir:
+    return checkpoint.read_model_config(config.init.sft_workdir, remat_policy=config.model.remat_policy)
+  if sft_config is None:
+    raise ValueError("an RL config takes its model from the SFT run: set config.init.sft_workdir or pass "
+                     "--sft_config=configs/sft.py:<preset>")
+  return dataclasses.replace(model_of(sft_config), remat_policy=config.model.remat_policy)
 
 
-def launch_mesh(model: str, slice_name: str | None) -> tuple[int, ...] | None:
-  """The mesh `launch/tpu.py` passes on this slice: the model preset's on its own slice, else the slice's."""
-  if not slice_name:
-    return None
-  preset = launch_presets.MODEL_PRESETS.get(model)
-  if preset and preset.slice == slice_name:
-    return preset.mesh
-  return launch_presets.get_slice(slice_name).mesh
+def plan_config(config: ml_collections.ConfigDict, mesh_shape: Sequence[int], devices: int, hbm_gib: float,
+                sft_config: ml_collections.ConfigDict | None = None, name: str = "model") -> Plan:
+  """`make_plan` of an SFT or RL stage config: model, batches, lengths, accumulation, LoRA and rules from it."""
+  sizes = {"grad_accum_steps": config.optimizer.grad_accum_steps, "rules": parallel.rules_from_config(config),
+           "lora_rank": config.lora.rank}
+  if config.stage == "rl":
+    rl = config.rl
+    rl_batch = rl.prompts_per_step * rl.samples_per_prompt
+    sizes.update(batch_size=rl_batch // rl.minibatches, seq_len=rl.max_prompt_len, rl_batch=rl_batch,
+                 max_new_tokens=rl.max_new_tokens)
+  else:
+    sizes.update(batch_size=config.batch_size, seq_len=config.data.seq_len)
+  return make_plan(model_of(config, sft_config), mesh_shape, devices, hbm_gib, stage=config.stage, name=name,
+                   **sizes)
 
 
-_MODEL = flags.DEFINE_string("model", "llama3_8b", "Model preset of configs/common.py.")
-_STAGE = flags.DEFINE_enum("stage", "sft", ["sft", "rl"], "Which step to plan.")
-_SLICE = flags.DEFINE_string("slice", None, f"TPU slice or GPU host {sorted(launch_presets.SLICES)} "
-                             f"{sorted(launch_presets.GPU_HOSTS)}: devices, HBM, mesh.")
-_MESH = flags.DEFINE_list("mesh", None, "Mesh shape data,fsdp,tensor (-1 = the rest); default: stage preset or slice.")
+def preset_name(config_arg: str) -> str:
+  """`configs/sft.py:llama3_8b,runlocal` -> `llama3_8b,runlocal` (the file's stem without a preset)."""
+  path, _, arg = config_arg.partition(":")
+  return arg or path.rsplit("/", 1)[-1].removesuffix(".py")
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/sft.py:llama3_8b.")
+_SFT_CONFIG = config_flags.DEFINE_config_file(
+    "sft_config", None, "RL only: the SFT config whose model RL starts from (when config.init.sft_workdir is empty).")
+_SLICE = flags.DEFINE_string("slice", None, f"TPU slice or GPU host {sorted(slices.SLICES)} "
+                             f"{sorted(slices.GPU_HOSTS)}: devices, HBM, mesh.")
+_MESH = flags.DEFINE_list("mesh", None, "Mesh shape data,fsdp,tensor (-1 = the rest); default: the slice's, "
+                          "else config.mesh.shape.")
 _DEVICES = flags.DEFINE_integer("devices", None, "Number of devices; default: the slice's.")
 _HBM = flags.DEFINE_float("hbm_gib", None, "HBM per device, GiB; default: the slice's or --device_kind's.")
-_DEVICE_KIND = flags.DEFINE_enum("device_kind", None, sorted(launch_presets.DEVICE_HBM_GIB), "Device whose HBM to use.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "SFT batch, or RL update minibatch; default: stage preset.")
-_SEQ = flags.DEFINE_integer("seq_len", None, "SFT sequence length, or RL prompt length; default: stage preset.")
-_RL_BATCH = flags.DEFINE_integer("rl_batch", None, "RL rollout batch (prompts x samples); default: stage preset.")
-_NEW = flags.DEFINE_integer("max_new_tokens", None, "RL completion length; default: stage preset.")
-_ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "config.optimizer.grad_accum_steps (adds an accumulator).")
-_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "config.lora.rank: > 0 trains only LoRA adapters on a frozen base.")
-_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
-                                 "Override the preset's (a frozen LoRA base needs no float32 master copy).")
-_REMAT = flags.DEFINE_enum("remat_policy", None, ["none", "full", "dots", "dots_no_batch"], "Override the preset's.")
+_DEVICE_KIND = flags.DEFINE_enum("device_kind", None, sorted(slices.DEVICE_HBM_GIB), "Device whose HBM to use.")
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  defaults = stage_defaults(_STAGE.value, _MODEL.value)
-  tpu = launch_presets.get_slice(_SLICE.value) if _SLICE.value else None
-  hbm = _HBM.value or (launch_presets.DEVICE_HBM_GIB[_DEVICE_KIND.value] if _DEVICE_KIND.value else None)
-  hbm = hbm or (tpu.hbm_gib if tpu else None)
-  devices = _DEVICES.value or (tpu.devices if tpu else None)
-  mesh = launch_mesh(_MODEL.value, _SLICE.value) or defaults.get("mesh")
-  mesh = [int(s) for s in _MESH.value] if _MESH.value else mesh
-  values = {"batch_size": _BATCH.value, "seq_len": _SEQ.value, "rl_batch": _RL_BATCH.value,
-            "max_new_tokens": _NEW.value}
-  values = {k: v if v is not None else defaults.get(k) for k, v in values.items()}
-  needed = {"--devices or --slice": devices, "--hbm_gib, --device_kind or --slice": hbm, "--mesh": mesh,
-            "--batch_size": values["batch_size"], "--seq_len": values["seq_len"]}
-  if _STAGE.value == "rl":
-    needed.update({"--rl_batch": values["rl_batch"], "--max_new_tokens": values["max_new_tokens"]})
-  missing = [name for name, value in needed.items() if value is None]
+  machine = slices.get_slice(_SLICE.value) if _SLICE.value else None
+  hbm = _HBM.value or (slices.DEVICE_HBM_GIB[_DEVICE_KIND.value] if _DEVICE_KIND.value else None)
+  hbm = hbm or (machine.hbm_gib if machine else None)
+  devices = _DEVICES.value or (machine.devices if machine else None)
+  mesh = [int(s) for s in _MESH.value] if _MESH.value else machine.mesh if machine else _CONFIG.value.mesh.shape
+  missing = [name for name, value in {"--devices or --slice": devices,
+                                      "--hbm_gib, --device_kind or --slice": hbm}.items() if value is None]
   if missing:
-    raise app.UsageError(f"no preset default for {_MODEL.value} {_STAGE.value}; pass {', '.join(missing)}")
-  overrides = {"remat_policy": _REMAT.value} if _REMAT.value else {}
-  if _PARAM_DTYPE.value:
-    overrides["param_dtype"] = _PARAM_DTYPE.value
-  plan = make_plan(_MODEL.value, mesh, devices, hbm, stage=_STAGE.value, rl_batch=values["rl_batch"] or 0,
-                   max_new_tokens=values["max_new_tokens"] or 0, grad_accum_steps=_ACCUM.value,
-                   batch_size=values["batch_size"],
-                   seq_len=values["seq_len"], lora_rank=_LORA_RANK.value, **overrides)
+    raise app.UsageError(f"pass {', '.join(missing)}")
+  try:
+    plan = plan_config(_CONFIG.value, mesh, devices, hbm, _SFT_CONFIG.value,
+                       name=preset_name(flags.FLAGS["config"].config_filename))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   print(format_plan(plan))
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
   app.run(main)
