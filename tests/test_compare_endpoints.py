@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from configs import common
 from configs import experiment
 from safe_completion.evaluation import endpoint_comparison
 from safe_completion.evaluation import metrics as metrics_lib
@@ -46,14 +47,7 @@ def overrides(urls):
 
 
 def config_of(values):
-  config = experiment.get_config("compare,runlocal")
-  for dotted, value in values.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
+  return common.override(experiment.get_config("compare,runlocal"), values)
 
 
 def calls(url):
@@ -138,7 +132,9 @@ URLS = {"echo": "http://127.0.0.1:1/v1", "teacher": "http://127.0.0.1:2/v1", "ju
     ({"eval.grader.kind": "reward_model"}, "config.eval.grader.reward_model_dir is empty"),
     ({"eval.grader.kind": "reward_model", "eval.grader.reward_model_dir": "/nonexistent/rm"},
      "config.eval.grader.reward_model_dir='/nonexistent/rm' is not a directory"),
-    ({"eval.grader.kind": "llama_guard"}, "config.eval.grader.helpfulness.kind is empty"),
+    ({"eval.grader.kind": "llama_guard"}, "config.eval.grader.helpfulness.kind=''"),
+    ({"eval.grader.kind": "llama_guard", "eval.grader.helpfulness.kind": "llama_guard"},
+     "config.eval.grader.helpfulness.kind='llama_guard'"),
     ({"eval.grader.kind": "judge"}, "config.eval.grader.kind='judge' is not one of"),
 ])
 def test_startup_errors_name_the_field_before_any_request(change, field, tmp_path):

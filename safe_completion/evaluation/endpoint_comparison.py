@@ -50,9 +50,9 @@ def _check_grader(grader: ml_collections.ConfigDict, field: str) -> None:
   if grader.kind in _ENDPOINT_KINDS:
     _check_endpoint(grader.endpoint, f"{field}.endpoint", f"grader kind {grader.kind!r}")
   if grader.kind in factory.SAFETY_KINDS:
-    if not grader.helpfulness.kind:
-      raise ValueError(f"config.{field}.helpfulness.kind is empty: grader kind {grader.kind!r} judges safety "
-                       "only; name a grader for mode and helpfulness (e.g. reward_model or llm_judge)")
+    if not grader.helpfulness.kind or grader.helpfulness.kind in factory.SAFETY_KINDS:
+      raise ValueError(f"config.{field}.helpfulness.kind={grader.helpfulness.kind!r}: grader kind {grader.kind!r} "
+                       "judges safety only; name a grader for mode and helpfulness (e.g. reward_model or llm_judge)")
     _check_grader(grader.helpfulness, f"{field}.helpfulness")
 
 
