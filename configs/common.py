@@ -27,6 +27,12 @@ MODELS = {
     "gemma_2b": dict(vocab_size=256000, hidden_size=2048, num_layers=18, num_heads=8, num_kv_heads=1,
                      head_dim=256, mlp_dim=16384, activation="gelu_tanh", norm_offset=True,
                      scale_embeddings=True, tie_embeddings=True, max_seq_len=8192),
+    # Gemma-2-9B: soft-capped attention and final logits, post-norms, every other layer on a 4096 window.
+    "gemma2_9b": dict(vocab_size=256000, hidden_size=3584, num_layers=42, num_heads=16, num_kv_heads=8,
+                      head_dim=256, mlp_dim=14336, activation="gelu_tanh", norm_offset=True,
+                      scale_embeddings=True, tie_embeddings=True, query_pre_attn_scalar=256.0,
+                      attn_logit_softcap=50.0, final_logit_softcap=30.0, post_norms=True, sliding_window=4096,
+                      sliding_window_pattern=2, max_seq_len=8192),
 }
 
 # TPU presets train in bfloat16 with float32 master weights and remat.

@@ -27,6 +27,7 @@ MODEL_PRESETS = {
     "llama3_8b": ModelPreset("v5p-8", (1, -1, 1), "llama3_8b"),
     "qwen2_7b": ModelPreset("v5p-8", (1, -1, 1), "qwen2_7b"),
     "gemma_2b": ModelPreset("v6e-8", (1, -1, 1), "gemma_2b"),
+    "gemma2_9b": ModelPreset("v5p-8", (1, -1, 1), "gemma2_9b"),
 }
 
 

@@ -44,6 +44,9 @@ PRESETS = {
              "num_steps": 30, "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 2},
     "llama3_8b": {**_REAL, "model.remat_policy": common.model("llama3_8b").remat_policy},
     "qwen2_7b": {**_REAL, "model.remat_policy": common.model("qwen2_7b").remat_policy},
+    # gemma2_9b on v5p-8: 81.6 GiB of 95 with 4 prompts x 4 samples in 2 minibatches (8 prompts: 90, too close).
+    "gemma2_9b": {**_REAL, "model.remat_policy": common.model("gemma2_9b").remat_policy, "rl.prompts_per_step": 4,
+                  "rl.minibatches": 2},
     "gemma_2b": {**_REAL, "model.remat_policy": common.model("gemma_2b").remat_policy, "rl.prompts_per_step": 4,
                  "rl.minibatches": 2, "optimizer.learning_rate": 2e-6},
 }
