@@ -79,12 +79,12 @@ REAL_BUDGETS = {"sft.num_steps": 1000, "sft.checkpoint.every_steps": 100, "sft.e
 # runlocal: tiny shapes, a few prompts, 2 steps per stage, short generations. What stays as on the pod: the HF
 # start, the numerics (bfloat16 compute, float32 master weights, remat), gradient accumulation, the FSDP mesh,
 # the HTTP teacher and judges, the export.
-RUNLOCAL = {"teacher.max_tokens": 64, "datagen.data.max_prompts": 8, "datagen.max_attempts": 2,
+RUNLOCAL = {"teacher.max_tokens": 32, "datagen.data.max_prompts": 8, "datagen.max_attempts": 2,
             "datagen.batch_size": 4, "sft.num_steps": 2, "sft.batch_size": 8, "sft.optimizer.grad_accum_steps": 2,
-            "sft.optimizer.warmup_steps": 1, "sft.data.seq_len": 256, "sft.checkpoint.every_steps": 1,
+            "sft.optimizer.warmup_steps": 0, "sft.data.seq_len": 256, "sft.checkpoint.every_steps": 1,
             "sft.checkpoint.async_save": False, "sft.eval_every": 2, "rl.num_steps": 2, "rl.data.max_prompts": 8,
             "rl.rl.prompts_per_step": 4, "rl.rl.samples_per_prompt": 2, "rl.rl.minibatches": 1,
-            "rl.rl.max_new_tokens": 8, "rl.rl.max_prompt_len": 128, "rl.optimizer.warmup_steps": 1,
+            "rl.rl.max_new_tokens": 8, "rl.rl.max_prompt_len": 128, "rl.optimizer.warmup_steps": 0,
             "rl.checkpoint.every_steps": 1, "rl.checkpoint.async_save": False, "rl.sample_table_every": 1,
             "eval.data.max_prompts": 4, "eval.samples_per_prompt": 1, "eval.sampling.max_tokens": 8,
             "eval.model.max_prompt_len": 160, "eval.model.batch_size": 8, "eval.bootstrap_samples": 50,

@@ -6,12 +6,17 @@ checked section by section (each section with a `stage` of its own).
 """
 
 import math
+import os
 from typing import Any
 
 import ml_collections
 
 from safe_completion import lora
 from safe_completion import taxonomy
+
+# Section kinds that talk to an OpenAI-compatible endpoint: the HTTP teacher, an eval model behind an endpoint,
+# the LLM judge and the safety classifiers (graders.factory.SAFETY_KINDS).
+ENDPOINT_KINDS = ("http", "endpoint", "llm_judge", "gpt_oss_safeguard", "guideline_classifier", "llama_guard")
 
 
 def _positive(value: Any) -> str | None:
@@ -79,8 +84,41 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return value
 
 
+def _endpoint_sections(config: ml_collections.ConfigDict, prefix: str):
+  """(dotted path, section) of every section with a `kind` that needs its `endpoint`."""
+  for name, section in config.items():
+    if isinstance(section, ml_collections.ConfigDict):
+      if section.get("kind") in ENDPOINT_KINDS and "endpoint" in section:
+        yield f"{prefix}{name}", section
+      yield from _endpoint_sections(section, f"{prefix}{name}.")
+
+
+def _check_inputs(config: ml_collections.ConfigDict, prefix: str) -> None:
+  """An experiment's outside inputs, before any compute: the base model's HF directory (real presets), every
+  endpoint its roles use, and an eval grader that is not the RL reward grader's model."""
+  hf_dir = config.sft.init.hf_dir
+  if not hf_dir and config.preset.split(",")[0] != "tiny":
+    raise ValueError(f"config.{prefix}sft.init.hf_dir is empty: set it to the base model's HF directory "
+                     "(config.json + safetensors)")
+  if hf_dir and not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    raise ValueError(f"config.{prefix}sft.init.hf_dir={hf_dir!r} has no config.json: not an HF model directory")
+  for path, section in _endpoint_sections(config, prefix):
+    for field in ("base_url", "model"):
+      if not section.endpoint[field]:
+        raise ValueError(f"config.{path}.endpoint.{field} is empty: {path} (kind {section.kind!r}) needs the "
+                         f"endpoint's {field}")
+  rl_grader, eval_grader = config.rl.grader, config.eval.grader
+  if (rl_grader.kind in ENDPOINT_KINDS and eval_grader.kind in ENDPOINT_KINDS
+      and rl_grader.endpoint.model == eval_grader.endpoint.model):
+    raise ValueError(f"config.{prefix}eval.grader.endpoint.model={eval_grader.endpoint.model!r} is the RL reward "
+                     f"grader's model (config.{prefix}rl.grader.endpoint.model): the eval grader must be another "
+                     "model, or reward hacking of the RL grader cannot show in the eval")
+
+
 def validate(config: ml_collections.ConfigDict, prefix: str = "") -> None:
   """Raises ValueError naming the first bad field (`sft.num_steps=0 must be > 0`)."""
+  if config.get("stage") == "experiment":
+    _check_inputs(config, prefix)
   for dotted, check in CHECKS.get(config.get("stage"), {}).items():
     value = _get(config, dotted)
     problem = check(value)

@@ -9,6 +9,7 @@ One workdir, one command. Stages, each skipped when done and resumed when killed
   <arm>/seed_<i>/eval             K completions per eval prompt graded by the eval grader, with attacks;
                                   reward_grader.jsonl: the same completions graded by the RL grader
   report/                         report.md, report.html (sample browser), report.json, plots
+  <arm>/seed_<i>/export           with `export_hf`: the RL model as an HF directory (transformers, vLLM)
 
 The arms differ only in their policy text (`specs/modes.md` vs `specs/modes_refusal.md`), read by the
 teacher, the datagen judge and the RL grader. No gold intent label reaches a grader or a reward: intent
@@ -19,6 +20,7 @@ import collections
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,9 +29,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from safe_completion import checkpoint
 from safe_completion import datagen_stage
 from safe_completion import jsonl
 from safe_completion import metrics as metric_writer
+from safe_completion import parallel
 from safe_completion import sft
 from safe_completion import taxonomy
 from safe_completion.data import records
@@ -168,7 +172,8 @@ def _record_modes(path: str, prompts: dict[str, records.PromptRecord], grader: g
   rows = [row for name in sorted(os.listdir(path)) if name.startswith("records-")
           for row in jsonl.read_rows(os.path.join(path, name))]
   if os.path.exists(cache_path):
-    modes = json.load(open(cache_path))
+    with open(cache_path) as f:
+      modes = json.load(f)
   else:
     requests = [graders_base.GradeRequest(prompt=prompts[r["id"]].messages, response=r["answer"],
                                           category=r["category"], prompt_id=r["id"]) for r in rows]
@@ -251,6 +256,26 @@ def _evaluate(eval_config: ml_collections.ConfigDict, checkpoint_dir: str, out_d
   return evaluate.evaluate_model(eval_config, out_dir, evaluate.make_backend(eval_config.model), grader)
 
 
+def export_model(rl_config: ml_collections.ConfigDict, rl_dir: str, out_dir: str, architecture: str) -> None:
+  """The latest checkpoint of `rl_dir` as an HF directory of `architecture`, in the params' dtype.
+
+  Restored onto the RL stage's mesh; written beside `out_dir` and renamed when complete, so an export
+  killed halfway is redone, never mistaken for a finished one.
+  """
+  from safe_completion.models import convert
+  mesh = parallel.mesh_from_config(rl_config)
+  model_config = checkpoint.read_model_config(rl_dir)
+  shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh,
+                                            parallel.rules_from_config(rl_config))
+  params, model_config, tokenizer = checkpoint.load_model(rl_dir, shardings)
+  host_params = parallel.to_host(params)  # A collective: every process takes part.
+  if jax.process_index() == 0:
+    partial = out_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    convert.export_hf(host_params, model_config, partial, architecture=architecture, tokenizer=tokenizer)
+    os.replace(partial, out_dir)
+
+
 def _train_arm_seed(config: ml_collections.ConfigDict, workdir: str, arm: str, seed_index: int,
                     graders: dict, timer: _Timer) -> str:
   """SFT, SFT-checkpoint eval, RL and eval of one arm and seed; returns its directory."""
@@ -285,6 +310,10 @@ def _train_arm_seed(config: ml_collections.ConfigDict, workdir: str, arm: str, s
     eval_config.seed, eval_config.name = seed, arm
   results = timer.stage(f"{arm}/seed_{seed_index}/eval", False, _evaluate, eval_config, rl_dir,
                         os.path.join(run_dir, "eval"), graders["eval"])
+  if config.get("export_hf"):
+    export_dir = os.path.join(run_dir, "export")
+    timer.stage(f"{arm}/seed_{seed_index}/export", os.path.isdir(export_dir), export_model, rl_config, rl_dir,
+                export_dir, config.sft.export_architecture)
   return run_dir, results
 
 
@@ -301,6 +330,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     datagen_config = config.datagen.copy_and_resolve_references()
     with datagen_config.unlocked():
       datagen_config.arms = (arm,)
+      if "teacher" in config:  # Real presets: the experiment's one teacher section.
+        datagen_config.teacher = config.teacher
       datagen_config.judge = resolve_grader(config.datagen.judge, arm, workdir)
     timer.stage(f"datagen/{arm}", os.path.exists(os.path.join(workdir, "datagen", arm, "stats.json")),
                 datagen_stage.run, datagen_config, os.path.join(workdir, "datagen"))

@@ -3,10 +3,17 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+import torch
+import transformers
 
 from configs import experiment as experiment_config
+from safe_completion import checkpoint
+from safe_completion import config_checks
 from safe_completion import datagen
 from safe_completion import experiment
 from safe_completion import metrics as metric_writer
@@ -14,6 +21,7 @@ from safe_completion import specs as specs_lib
 from safe_completion.data import records
 from safe_completion.evaluation import metrics as metrics_lib
 from safe_completion.graders import rule_based
+from safe_completion.models import transformer
 from safe_completion.rl import loop
 from tests.test_rl import micro_rl_config
 
@@ -165,3 +173,86 @@ def test_rerun_skips_finished_stages_and_reuses_cached_completions(finished_expe
     assert f"experiment: {stage} done, skipping" in out
   assert (workdir / "refusal" / "seed_0" / "eval" / "completions.jsonl").read_text() == before
   assert rerun["arms"]["refusal"]["overall"] == result["arms"]["refusal"]["overall"]
+
+
+REAL_PRESETS = ("llama3_8b", "qwen2_7b", "gemma2_9b")
+ENDPOINT_FIELDS = ["teacher.endpoint", "datagen.judge.endpoint", "rl.grader.endpoint", "eval.grader.endpoint"]
+
+
+def real_experiment_config(preset):
+  """A real preset with every outside input set (the shipped tiny base as the HF directory)."""
+  config = experiment_config.get_config(preset)
+  config.sft.init.hf_dir = experiment_config.TINY_BASE_DIR
+  for i, field in enumerate(ENDPOINT_FIELDS):
+    config.update_from_flattened_dict({f"{field}.base_url": f"http://127.0.0.1:{8000 + i}/v1",
+                                       f"{field}.model": "eval-judge" if field.startswith("eval") else "model"})
+  return config
+
+
+@pytest.mark.parametrize("preset", [*REAL_PRESETS, *(f"{p},runlocal" for p in REAL_PRESETS)])
+def test_a_real_preset_names_each_missing_input(preset):
+  config_checks.validate(real_experiment_config(preset))
+  for field, value, message in [("sft.init.hf_dir", "", "config.sft.init.hf_dir is empty"),
+                                ("sft.init.hf_dir", "/nonexistent", "has no config.json"),
+                                *((f"{f}.{k}", "", f"config.{f}.{k} is empty") for f in ENDPOINT_FIELDS
+                                  for k in ("base_url", "model"))]:
+    config = real_experiment_config(preset)
+    config.update_from_flattened_dict({field: value})
+    with pytest.raises(ValueError, match=f"^{message}" if message.startswith("config") else message):
+      config_checks.validate(config)
+
+
+def test_the_eval_grader_must_be_another_model_than_the_reward_grader():
+  config = real_experiment_config("llama3_8b")
+  config.eval.grader.endpoint.model = config.rl.grader.endpoint.model
+  with pytest.raises(ValueError, match="^config.eval.grader.endpoint.model='model' is the RL reward grader's model"):
+    config_checks.validate(config)
+  config.eval.grader.kind = "reward_model"  # A learned eval grader is no endpoint: the report flags sharing.
+  config_checks.validate(config)
+
+
+def test_a_safety_classifier_eval_grader_needs_its_helpfulness_endpoint():
+  config = real_experiment_config("gemma2_9b")
+  config.eval.grader.kind, config.eval.grader.helpfulness.kind = "gpt_oss_safeguard", "llm_judge"
+  with pytest.raises(ValueError, match="^config.eval.grader.helpfulness.endpoint.base_url is empty"):
+    config_checks.validate(config)
+
+
+def test_main_names_the_missing_hf_dir_before_any_compute(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "safe_completion.main", "--config=configs/experiment.py:qwen2_7b",
+                           f"--workdir={tmp_path / 'exp'}"], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode != 0 and "config.sft.init.hf_dir is empty" in result.stderr
+  assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize("preset", REAL_PRESETS)
+def test_runlocal_shrinks_a_real_preset_but_keeps_the_pod_path(preset):
+  real, local = experiment_config.get_config(preset), experiment_config.get_config(f"{preset},runlocal")
+  assert local.sft.num_steps < real.sft.num_steps and local.rl.num_steps < real.rl.num_steps
+  assert 0 < local.datagen.data.max_prompts and 0 < local.eval.data.max_prompts
+  assert local.sft.model.hidden_size < real.sft.model.hidden_size
+  for section in ("sft.model.dtype", "sft.model.param_dtype", "sft.model.remat_policy", "rl.model.remat_policy",
+                  "sft.mesh.shape", "rl.mesh.shape", "teacher.kind", "datagen.judge.kind", "rl.grader.kind",
+                  "eval.grader.kind", "export_hf", "sft.export_architecture", "sft.init.hf_dir"):
+    assert local[section] == real[section], section
+  assert (local.sft.model.dtype, local.sft.model.param_dtype, local.sft.mesh.shape) == ("bfloat16", "float32",
+                                                                                        (1, -1, 1))
+  assert local.sft.optimizer.grad_accum_steps > 1 and local.export_hf and local.teacher.kind == "http"
+
+
+def test_export_writes_an_hf_directory_and_replaces_a_partial_one(tiny_sft_workdir, tmp_path):
+  rl_config = experiment_config.get_config("llama3_8b,runlocal").rl  # The FSDP mesh over the 8 fake devices.
+  out_dir = str(tmp_path / "export")
+  os.makedirs(out_dir + ".partial")
+  with open(os.path.join(out_dir + ".partial", "config.json"), "w") as f:
+    f.write("{torn")  # What a preempted export left.
+  experiment.export_model(rl_config, tiny_sft_workdir, out_dir, "LlamaForCausalLM")
+  assert not os.path.exists(out_dir + ".partial")
+  params, model_config, tokenizer = checkpoint.load_model(tiny_sft_workdir)
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
+  tokens = np.asarray([tokenizer("a short question")["input_ids"]], np.int32)
+  ours = transformer.forward(params, model_config, tokens, np.arange(tokens.shape[1])[None], np.ones_like(tokens))
+  with torch.no_grad():
+    theirs = exported(torch.from_numpy(tokens).long()).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
