@@ -1,4 +1,4 @@
-r"""Learned reward-model grader: frozen MiniLM encoder + heads, trained on data/grades.
+r"""Learned reward-model grader (trained by `safe_completion/reward_training.py`): frozen MiniLM encoder + heads.
 
 Train, evaluate on the held-out grades split and save (seconds on a CPU):
   python -m safe_completion.main --config=configs/reward_model.py:tiny --workdir=/tmp/sc_rm
@@ -52,6 +52,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.weight_decay = 1e-4
   config.loss_weights = mlc.ConfigDict(dict(safety=1.0, severity=1.0, mode=1.0, helpfulness=1.0))
   config.log_every = 10
+  config.checkpoint = common.checkpointing(every_steps=100)  # A killed run resumes from the latest one.
   config.wandb = common.wandb()
   common.override(config, PRESETS[name])
   if runlocal:

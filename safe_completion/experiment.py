@@ -34,6 +34,7 @@ from safe_completion import datagen_stage
 from safe_completion import jsonl
 from safe_completion import metrics as metric_writer
 from safe_completion import parallel
+from safe_completion import reward_training
 from safe_completion import sft
 from safe_completion import taxonomy
 from safe_completion.data import records
@@ -144,7 +145,7 @@ def _train_reward_models(config: ml_collections.ConfigDict, workdir: str, timer:
       model_config.policy = policy
     model_dir = reward_model_dir(workdir, name, policy)
     timer.stage(f"reward_model/{name}-{policy}", os.path.exists(os.path.join(model_dir, reward_model.REPORT_FILE)),
-                reward_model.train, model_config, model_dir)
+                reward_training.train, model_config, model_dir)
 
 
 def _grader_validation(grader_config: ml_collections.ConfigDict) -> dict | None:

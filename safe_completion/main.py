@@ -28,7 +28,7 @@ _VERBOSITY = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warnin
 # stage name -> "module:function(config, workdir)".
 STAGES = {
     "datagen": "safe_completion.datagen_stage:run",
-    "reward_model": "safe_completion.graders.reward_model:train",
+    "reward_model": "safe_completion.reward_training:train",
     "sft": "safe_completion.sft:train",
     "rl": "safe_completion.rl.loop:train",
     "eval": "safe_completion.evaluation.evaluate:run",

@@ -27,12 +27,12 @@ def tiny_sft_workdir(tmp_path_factory):
 def tiny_reward_model_dir(tmp_path_factory):
   """A learned reward model trained on a subset of the shipped grades (frozen encoder), shared by the tests."""
   from configs import reward_model as reward_model_config
-  from safe_completion.graders import reward_model
+  from safe_completion import reward_training
   config = reward_model_config.get_config("tiny")
   config.max_len = 128  # Responses are shorter than ~200 tokens; 128 keeps the tests fast.
   config.num_steps = 200
   config.data.max_train_rows = 400
   config.data.independent_heldout_dir = "none"  # The tests validate it on the held-out set themselves.
   workdir = str(tmp_path_factory.mktemp("reward_model"))
-  reward_model.train(config, workdir)
+  reward_training.train(config, workdir)
   return workdir

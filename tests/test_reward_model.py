@@ -1,15 +1,20 @@
-"""Reward-model grader: training, save/load, Grader protocol, manipulation robustness, metrics."""
+"""Reward-model training (resume, non-finite stop) and its grader: save/load, Grader protocol,
+manipulation robustness, metrics."""
 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import scipy.stats
 
 from configs import reward_model as reward_model_config
+from safe_completion import checkpoint
 from safe_completion import metrics as metric_writer
+from safe_completion import reward_training
 from safe_completion import taxonomy
+from safe_completion import training
 from safe_completion.data import labeled
 from safe_completion.graders import base
 from safe_completion.graders import reward_model as rm
@@ -46,7 +51,7 @@ def trained(tiny_reward_model_dir):
 @pytest.fixture(scope="module")
 def eval_rows():
   """The templated grades' eval split, with labels under both policies."""
-  return rm.load_rows(_config())[1]
+  return reward_training.load_rows(_config())[1]
 
 
 def _pairs(rows):
@@ -57,16 +62,57 @@ def _requests(rows, responses=None):
   return [r.request(response) for r, response in zip(rows, responses or [None] * len(rows))]
 
 
-def test_train_loss_goes_down_on_a_small_subset(encoder_and_tokenizer):
-  encoder_params, encoder_config, tokenizer = encoder_and_tokenizer
-  rows = rm.load_rows(_config())[0]
-  rows = rows[::len(rows) // 24][:24]
-  _, losses = rm.fit(_config(num_steps=60), rows, encoder_params, encoder_config, tokenizer)
+def _subset(count=24):
+  rows = reward_training.load_rows(_config())[0]
+  return rows[::len(rows) // count][:count]
+
+
+def _fit(config, workdir, encoder_and_tokenizer, rows):
+  """`reward_training.fit` into `<workdir>/checkpoints` (resuming from it): (params, losses of the steps run)."""
+  ckpt = training.checkpoint_manager(config, str(workdir))
+  try:
+    return reward_training.fit(config, rows, *encoder_and_tokenizer, ckpt)
+  finally:
+    training.close(ckpt)
+
+
+def test_train_loss_goes_down_on_a_small_subset(encoder_and_tokenizer, tmp_path):
+  _, losses = _fit(_config(num_steps=60), tmp_path, encoder_and_tokenizer, _subset())
   assert losses[-1] < 0.3 * losses[0]
 
 
+def test_resumed_training_equals_uninterrupted(encoder_and_tokenizer, tmp_path):
+  config = _config(num_steps=8, max_len=32)
+  config.checkpoint.update(every_steps=2, keep=10, async_save=False)
+  rows = _subset()
+  params, losses = _fit(config, tmp_path, encoder_and_tokenizer, rows)
+  ckpt = training.checkpoint_manager(config, str(tmp_path))
+  for step in (6, 8):  # A run killed after step 5: its latest checkpoint is 4.
+    ckpt.delete(step)
+  training.close(ckpt)
+  resumed, resumed_losses = _fit(config, tmp_path, encoder_and_tokenizer, rows)
+  assert len(resumed_losses) == 4 and resumed_losses == losses[4:]
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_update_stops_with_the_last_finite_state_on_disk(encoder_and_tokenizer, tmp_path):
+  config = _config(num_steps=6, max_len=32, learning_rate=1e30)  # Step 1 moves the weights to ~1e30.
+  config.checkpoint.update(every_steps=1, keep=10, async_save=False)
+  with pytest.raises(FloatingPointError, match="reward-model loss .* not finite"):
+    _fit(config, tmp_path, encoder_and_tokenizer, _subset())
+  ckpt = training.checkpoint_manager(config, str(tmp_path))
+  kept = ckpt.latest_step()
+  training.close(ckpt)
+  assert kept is not None and kept < config.num_steps
+  params = checkpoint.restore_params(str(tmp_path / "checkpoints"), {"heads": jax.eval_shape(
+      lambda: rm.init_heads(jax.random.key(0), rm.feature_dim(config.features, encoder_and_tokenizer[1].hidden_size),
+                            config.hidden_dim))})
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
 def test_training_rows_mix_sources_and_halves_are_disjoint():
-  train, templated_eval = rm.load_rows(_config())
+  train, templated_eval = reward_training.load_rows(_config())
   sources = {r.source.split(":")[0] for r in train}
   assert sources == {"build_grades.py", "handwritten"}
   assert not {r.prompt_id for r in train} & {r.prompt_id for r in templated_eval}
@@ -76,7 +122,7 @@ def test_training_rows_mix_sources_and_halves_are_disjoint():
   for half in (0, 1):
     config = _config()
     config.data.half = half
-    halves.append(rm.load_rows(config)[0])
+    halves.append(reward_training.load_rows(config)[0])
   assert len(halves[0]) + len(halves[1]) == len(train)
   assert not {r.prompt_id for r in halves[0]} & {r.prompt_id for r in halves[1]}
 
@@ -99,7 +145,7 @@ def test_full_training_reports_heldout_metrics(trained):
   assert heldout["unsafe_auc"] > 0.85 and heldout["mode_accuracy"] > 0.7
   assert heldout["helpfulness_spearman"] > 0.6
   assert report["policy"] == "safe_completion" and report["train_seconds"] > 0
-  assert rm.train(_config(num_steps=1), workdir) == report  # A finished workdir is skipped.
+  assert reward_training.train(_config(num_steps=1), workdir) == report  # A finished workdir is skipped.
 
 
 def test_grader_returns_one_valid_grade_per_request(trained, eval_rows):
@@ -150,9 +196,9 @@ def test_saved_and_reloaded_finetuned_model_scores_identically(encoder_and_token
                    learning_rate=1e-2, encoder_learning_rate=1e-3)
   rows = eval_rows[:4]
   pairs = _pairs(rows)
-  params, losses = rm.fit(config, rows, encoder_params, encoder_config, tokenizer)
+  training.save_config(config, str(tmp_path))
+  params, losses = _fit(config, tmp_path, encoder_and_tokenizer, rows)
   assert losses[-1] < losses[0]
-  rm.save_model(str(tmp_path), params, config)
   in_memory = rm.RewardModelGrader(params["heads"], params["encoder"], encoder_config, tokenizer, config)
   reloaded = rm.RewardModelGrader.load(str(tmp_path))
   a, b = in_memory.predict(*pairs), reloaded.predict(*pairs)

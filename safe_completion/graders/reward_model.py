@@ -13,7 +13,8 @@ the expected rating, rounded, is the prediction). By default the encoder is
 frozen: embeddings are computed once and only the heads train, which takes
 seconds on a CPU; `finetune_encoder=True` trains both.
 
-Train and evaluate (writes checkpoints/, metrics.jsonl, report.json):
+The grader: features, heads, predictions, loading and held-out metrics. Training is
+`safe_completion/reward_training.py` (checkpoints/, config.json, metrics.jsonl, report.json):
   python -m safe_completion.main --config=configs/reward_model.py:tiny --workdir=/tmp/sc_rm
 Grade:
   grader = RewardModelGrader.load("/tmp/sc_rm"); grades = grader.grade(requests)
@@ -23,7 +24,6 @@ import functools
 import hashlib
 import json
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,22 +31,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import scipy.stats
 import transformers
 
 from safe_completion import checkpoint
-from safe_completion import metrics as metric_writer
 from safe_completion import taxonomy
 from safe_completion.data import labeled
-from safe_completion.data import records
 from safe_completion.graders import base
 from safe_completion.graders import manipulation
-from safe_completion.graders import validation
 from safe_completion.models import encoder as encoder_lib
 
 GRADER_NAME = "reward_model"
-CONFIG_FILE = "reward_model_config.json"
+CONFIG_FILE = "config.json"  # `training.save_config` writes it.
 REPORT_FILE = "report.json"
 CHECKPOINT_DIR = "checkpoints"
 RATINGS = tuple(range(base.RATING_MIN, base.RATING_MAX + 1))
@@ -235,15 +231,6 @@ def targets_of(rows: Sequence[labeled.LabeledResponse], policy: str) -> dict[str
   )
 
 
-def head_loss(params: dict, embeddings: jax.Array, targets: dict, weights: dict) -> tuple[jax.Array, dict]:
-  """Weighted sum of safety BCE (soft targets) and the three cross-entropies; per-head terms as aux."""
-  logits = head_logits(params, embeddings)
-  terms = {"safety": optax.sigmoid_binary_cross_entropy(logits["safety"], targets["safety"]).mean()}
-  for name in ("severity", "mode", "helpfulness"):
-    terms[name] = optax.softmax_cross_entropy_with_integer_labels(logits[name], targets[name]).mean()
-  return sum(weights[k] * v for k, v in terms.items()), terms
-
-
 # ----------------------------------------------------------------------------- metrics
 
 def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -300,16 +287,15 @@ class RewardModelGrader:
 
   @classmethod
   def load(cls, workdir: str) -> "RewardModelGrader":
-    """The reward model a `train` run wrote into `workdir` (latest checkpoint)."""
+    """The reward model a `reward_training.train` run wrote into `workdir` (latest checkpoint's params)."""
     config = read_config(workdir)
     encoder_params, encoder_config = load_encoder(config.encoder_dir or encoder_lib.DEFAULT_ENCODER_DIR)
     input_dim = feature_dim(config.features, encoder_config.hidden_size)
     abstract = {"heads": jax.eval_shape(lambda rng: init_heads(rng, input_dim, config.hidden_dim), jax.random.key(0))}
     if config.finetune_encoder:
       abstract["encoder"] = encoder_params
-    with checkpoint.manager(os.path.join(workdir, CHECKPOINT_DIR), async_save=False) as mngr:
-      state, _ = checkpoint.restore(mngr, abstract)
-    return cls(state["heads"], state.get("encoder", encoder_params), encoder_config, load_tokenizer(config),
+    params = checkpoint.restore_params(os.path.join(workdir, CHECKPOINT_DIR), abstract)
+    return cls(params["heads"], params.get("encoder", encoder_params), encoder_config, load_tokenizer(config),
                config, name=os.path.basename(os.path.normpath(workdir)))
 
   def embed(self, pairs: Sequence[tuple[str, str]], categories: Sequence[str]) -> np.ndarray:
@@ -331,7 +317,8 @@ class RewardModelGrader:
     grader never raise a grade; content hidden in them is still judged."""
     split = [manipulation.split_grader_directed(response) for _, response in pairs]
     changed = [i for i, ((_, response), (clean, _)) in enumerate(zip(pairs, split)) if clean != response.strip()]
-    cleaned = [(prompt, split[i][0]) if i in set(changed) else (prompt, response)
+    changed_set = set(changed)
+    cleaned = [(prompt, split[i][0]) if i in changed_set else (prompt, response)
                for i, (prompt, response) in enumerate(pairs)]
     p = self.score_pairs(cleaned, categories)
     parts = [(i, removed) for i in changed for removed in split[i][1]]
@@ -388,166 +375,3 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} is missing: {workdir} is not the workdir of a reward-model run")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
-
-
-# ----------------------------------------------------------------------------- training
-
-def _half_of(prompt_id: str) -> int:
-  return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) % 2
-
-
-def load_rows(config: ml_collections.ConfigDict) -> tuple[list[labeled.LabeledResponse], list[labeled.LabeledResponse]]:
-  """(training rows, templated held-out rows) from `config.data`.
-
-  Sources: "templated" (`data/grades`, train split, with labels under both policies) and
-  "handwritten" (`data/grader_data/train`). `data.half` 0 or 1 keeps a disjoint half of the
-  training prompts (by a hash of the prompt id), so two graders can be trained on disjoint data.
-  The independent held-out set (`data/grader_data/heldout`) is never read here.
-  """
-  data_dir = config.data.data_dir or str(records.DEFAULT_DATA_DIR)
-  sources = tuple(config.data.sources)
-  unknown = sorted(set(sources) - {"templated", "handwritten"})
-  if unknown:
-    raise ValueError(f"data.sources: {unknown[0]!r} is not one of ['handwritten', 'templated']")
-  prompts, _ = records.load_prompts(os.path.join(data_dir, "prompts"), split="train")
-  demonstrations, _ = records.load_demonstrations(os.path.join(data_dir, "demonstrations"))
-  grades, _ = records.load_grades(os.path.join(data_dir, "grades"))
-  templated = labeled.from_templated(grades, prompts, demonstrations)
-  split_of = {g.id: g.split for g in grades}
-  train = [r for r in templated if split_of[r.id] == "train"] if "templated" in sources else []
-  if "handwritten" in sources:
-    train += labeled.load_labeled(config.data.handwritten_dir or labeled.TRAIN_DIR)[0]
-  if config.data.half in (0, 1):
-    train = [r for r in train if _half_of(r.prompt_id) == config.data.half]
-  elif config.data.half != -1:
-    raise ValueError(f"data.half: {config.data.half!r} is not one of [-1, 0, 1]")
-  if config.data.max_train_rows:
-    keep = np.random.default_rng(config.seed).permutation(len(train))[:config.data.max_train_rows]
-    train = [train[i] for i in sorted(keep)]
-  return train, [r for r in templated if split_of[r.id] == "eval"]
-
-
-def _optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  def adamw(lr):
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(config.num_steps // 10, 1), config.num_steps,
-                                                  end_value=lr * 0.1)
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
-
-  if not config.finetune_encoder:
-    return adamw(config.learning_rate)
-  return optax.multi_transform({"heads": adamw(config.learning_rate), "encoder": adamw(config.encoder_learning_rate)},
-                               {"heads": "heads", "encoder": "encoder"})
-
-
-def _loss(params: dict, batch: dict, targets: dict, *, config: ml_collections.ConfigDict,
-          encoder_config: encoder_lib.EncoderConfig) -> tuple[jax.Array, dict]:
-  """Head loss on cached features (batch = array) or through the encoder (batch = tokens per part)."""
-  if "encoder" in params:
-    batch = jnp.concatenate([embed_tokens(params["encoder"], encoder_config, batch[part], config.normalize)
-                             for part in config.features if part in TEXT_PARTS] + [batch["category"]], axis=-1)
-  return head_loss(params["heads"], batch, targets, dict(config.loss_weights))
-
-
-def _train_step(state, batch, targets, *, optimizer, loss_fn):
-  params, opt_state = state
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, targets)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return (optax.apply_updates(params, updates), opt_state), {"loss": loss, **terms}
-
-
-def fit(config: ml_collections.ConfigDict, rows: Sequence[labeled.LabeledResponse], encoder_params: Any,
-        encoder_config: encoder_lib.EncoderConfig, tokenizer: Any,
-        writer: metric_writer.MetricsWriter | None = None) -> tuple[dict, list[float]]:
-  """Trains the heads (and the encoder when `finetune_encoder`) on `rows` under `config.policy`'s
-  labels; returns (params, loss per step)."""
-  rng = jax.random.key(config.seed)
-  params = {"heads": init_heads(rng, feature_dim(config.features, encoder_config.hidden_size), config.hidden_dim)}
-  pairs, targets = [(r.prompt, r.response) for r in rows], targets_of(rows, config.policy)
-  categories = category_features([r.category for r in rows], config.features)
-  n = len(pairs)
-  if config.finetune_encoder:
-    params["encoder"] = jax.tree.map(jnp.array, encoder_params)  # A copy: the train step donates its state.
-    inputs = {part: tokenize_pairs(tokenizer, pairs, part, config.max_len, config.prompt_budget)
-              for part in config.features if part in TEXT_PARTS}
-  else:
-    inputs = np.concatenate([embed_texts(
-        encoder_params, encoder_config, tokenizer, pairs, features=config.features, max_len=config.max_len,
-        prompt_budget=config.prompt_budget, normalize=config.normalize, batch_size=config.embed_batch_size,
-        cache=True), categories], axis=1)
-  batch_size = min(config.batch_size or n, n)
-  optimizer = _optimizer(config)
-  loss_fn = functools.partial(_loss, config=config, encoder_config=encoder_config)
-  step_fn = jax.jit(functools.partial(_train_step, optimizer=optimizer, loss_fn=loss_fn), donate_argnums=0)
-  state = (params, optimizer.init(params))
-  order, losses = np.random.default_rng(config.seed).permutation(n), []
-  for step in range(config.num_steps):
-    start = (step * batch_size) % n
-    index = np.take(order, np.arange(start, start + batch_size), mode="wrap")
-    if config.finetune_encoder:
-      batch = {part: pad_batch([tokens[i] for i in index], batch_size) for part, tokens in inputs.items()}
-      batch["category"] = categories[index]
-    else:
-      batch = inputs[index]
-    state, step_metrics = step_fn(state, batch, {k: v[index] for k, v in targets.items()})
-    losses.append(float(step_metrics["loss"]))
-    if writer is not None and (step % config.log_every == 0 or step == config.num_steps - 1):
-      writer.write(step, step_metrics)
-  return state[0], losses
-
-
-def save_model(workdir: str, params: dict, config: ml_collections.ConfigDict, meta: dict | None = None) -> None:
-  """Writes params ({"heads"} or {"heads", "encoder"}) with orbax and the config as JSON."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump(config.to_dict(), f, indent=2)
-  with checkpoint.manager(os.path.join(workdir, CHECKPOINT_DIR), async_save=False) as mngr:
-    checkpoint.save(mngr, config.num_steps, params, meta=meta, force=True)
-    mngr.wait_until_finished()
-
-
-def evaluate_reward_model(grader: RewardModelGrader, rows: Sequence[labeled.LabeledResponse]) -> dict:
-  """Held-out metrics (`heldout_metrics`) of a grader on labeled rows under its policy, plus the
-  manipulation rows' safety bias."""
-  predictions = grader.predict([(r.prompt, r.response) for r in rows], [r.category for r in rows])
-  targets = targets_of(rows, grader.policy)
-  report = heldout_metrics(predictions, targets)
-  manipulated = np.asarray([r.label == "manipulation" for r in rows])
-  if manipulated.any():
-    report["manipulation_safety_bias"] = float((predictions["safety"] - targets["safety"])[manipulated].mean())
-  return report
-
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains the reward model for `config.policy`, saves it and reports held-out figures.
-
-  Two held-out reports: `templated` (the grades' eval split: rows built by the same templates as the
-  templated training rows, so it measures template recognition) and `independent` (the hand-written
-  `data/grader_data/heldout` set: other prompts and authorship, never trained or selected on; the
-  figures to trust, from `graders.validation`). Writes <workdir>/checkpoints (orbax),
-  reward_model_config.json, metrics.jsonl and report.json; returns the report. A workdir with a
-  report is finished and skipped.
-  """
-  report_path = os.path.join(workdir, REPORT_FILE)
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      return json.load(f)
-  started = time.perf_counter()
-  train_rows, templated_eval = load_rows(config)
-  encoder_params, encoder_config = load_encoder(config.encoder_dir or encoder_lib.DEFAULT_ENCODER_DIR)
-  tokenizer = load_tokenizer(config)
-  writer = metric_writer.MetricsWriter(workdir, wandb_config=config.get("wandb"), run_config=config.to_dict())
-  params, losses = fit(config, train_rows, encoder_params, encoder_config, tokenizer, writer)
-  writer.close()
-  save_model(workdir, params, config, meta={"train_rows": len(train_rows)})
-  train_seconds = time.perf_counter() - started
-  grader = RewardModelGrader(params["heads"], params.get("encoder", encoder_params), encoder_config, tokenizer,
-                             config, name=os.path.basename(os.path.normpath(workdir)))
-  report = dict(policy=config.policy, train_rows=len(train_rows), first_loss=losses[0], final_loss=losses[-1],
-                train_seconds=round(train_seconds, 1), unsafe_definition=f"label safety < {UNSAFE_BELOW}",
-                heldout=evaluate_reward_model(grader, templated_eval) if templated_eval else {})
-  if config.data.independent_heldout_dir != "none":
-    independent, _ = labeled.load_labeled(config.data.independent_heldout_dir or labeled.HELDOUT_DIR)
-    report["independent"] = validation.validate(grader, independent, config.policy)
-  with open(report_path, "w") as f:
-    json.dump(report, f, indent=2)
-  return report
