@@ -61,11 +61,13 @@ def learned_grader(name: str) -> mlc.ConfigDict:
   return config
 
 
-# Real presets: the slice each was sized for and its HF architecture. `python -m safe_completion.plan`, GiB per
-# device on v5p-8 (95 GiB), full fine-tuning (LoRA rank 16 on a bfloat16 base: --lora_rank=16 --param_dtype=bfloat16):
-#   llama3_8b  SFT 79.7 (8 x 32 accumulation steps; LoRA 46.5), RL 67.3 (LoRA 34.1)
-#   qwen2_7b   SFT 78.1 (8 x 32 accumulation steps; LoRA 46.5), RL 65.7 (LoRA 34.2)
-#   gemma2_9b  SFT 69.4 (4 x 64 accumulation steps; LoRA 31.2), RL 81.6 (4 prompts x 4, LoRA 43.5)
+# Real presets: the slice each was sized for and its HF architecture. GiB per device on v5p-8 (95 GiB), full
+# fine-tuning, from `python -m safe_completion.plan --config=configs/sft.py:<preset> --slice=v5p-8` (RL:
+# --config=configs/rl.py:<preset> --sft_config=configs/sft.py:<preset>); in brackets the stage configs'
+# `<preset>,lora` variant (rank 16 on a bfloat16 frozen base):
+#   llama3_8b  SFT 79.7 (8 x 32 accumulation steps) [25.6], RL 67.3 (8 prompts x 4) [18.3]
+#   qwen2_7b   SFT 77.9 (8 x 32 accumulation steps) [25.4], RL 65.7 (8 prompts x 4) [18.3]
+#   gemma2_9b  SFT 69.4 (4 x 64 accumulation steps) [17.3], RL 81.6 (4 prompts x 4) [28.4]
 REAL = {"llama3_8b": dict(slice="v5p-8", architecture="LlamaForCausalLM"),
         "qwen2_7b": dict(slice="v5p-8", architecture="Qwen2ForCausalLM"),
         "gemma2_9b": dict(slice="v5p-8", architecture="Gemma2ForCausalLM")}
