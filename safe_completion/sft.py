@@ -86,7 +86,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_fn = jax.jit(functools.partial(eval_step, model_config=model_config),
                     in_shardings=(training.model_params(shardings), parallel.batch_sharding(mesh)),
                     out_shardings=parallel.replicated(mesh))
-  checkpoint.save_model_metadata(workdir, model_config, tokenizer)
+  checkpoint.save_model_metadata(workdir, model_config, tokenizer, lora_config,
+                                {"hf_dir": config.init.hf_dir, "seed": config.seed})
   flops_per_token = flops.train_flops_per_token(model_config, config.data.seq_len)
   writer = metric_writer.MetricsWriter(workdir, wandb_config=config.wandb, run_config=config.to_dict())
   last = {}

@@ -4,6 +4,17 @@ Readable top to bottom: mesh -> SFT model (policy init and frozen reference)
 -> prompts -> grader -> jitted sampler, log-prob and update steps -> restore
 -> loop. Iteration i is a pure function of (seed, i, state), so a killed run
 resumes exactly.
+
+LoRA (`config.lora.rank` > 0) trains new adapters on the SFT model, merged:
+`checkpoint.load_model` folds a LoRA SFT run's adapters into its base, that
+merged SFT model becomes the frozen base (held once, never donated), and it is
+both the reference policy and what the fresh adapters (B = 0, so KL starts at
+exactly 0) add to. This is the shape Tunix users know from its GRPO learner: a
+LoRA actor on a model whose adapter-free forward pass is the reference. It
+also keeps the reference pass free of adapter compute, lets RL choose its own
+rank and targets, and makes RL start from exactly the merged model that SFT
+exports and eval measures. The RL workdir's `lora.json` names the SFT workdir
+as its base, so `load_model` of the RL run rebuilds it the same way.
 """
 
 import collections
@@ -116,7 +127,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   param_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
   ref_params, model_config, tokenizer = checkpoint.load_model(
       config.init.sft_workdir, param_shardings, remat_policy=config.model.remat_policy)
-  checkpoint.save_model_metadata(workdir, model_config, tokenizer)
 
   prompts, _ = records.load_prompts(config.data.prompts_path or records.DEFAULT_DATA_DIR / "prompts",
                                     split=config.data.split)
@@ -134,6 +144,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   optimizer, schedule = training.make_optimizer(config, config.num_steps * updates_per_step)
   ckpt = training.checkpoint_manager(config, workdir)
   lora_config = lora.from_config(config)
+  checkpoint.save_model_metadata(workdir, model_config, tokenizer, lora_config,
+                                 {"sft_workdir": config.init.sft_workdir})
   if lora_config is None:
     # The policy starts as a copy of the frozen reference (the state owns, and donates, its params).
     state, shardings, start = training.create_state(model_config, optimizer, mesh, rules, ckpt,
