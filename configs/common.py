@@ -65,15 +65,29 @@ def mesh(shape=(-1, 1, 1), rules=parallel.DEFAULT_RULES) -> mlc.ConfigDict:
   return mlc.ConfigDict({"axes": ("data", "fsdp", "tensor"), "shape": tuple(shape), "rules": tuple(rules)})
 
 
-def parse_arg(arg: str, presets: dict, stage: str) -> tuple[str, bool]:
-  """`name` or `name,runlocal` (big_vision's run-local variant) -> (preset name, runlocal)."""
+def parse_variants(arg: str, presets: dict, stage: str, variants: dict[str, dict]) -> tuple[str, bool, dict]:
+  """`name[,flag...]` -> (preset name, runlocal, the overrides of the variant flags given, in arg order).
+
+  A variant is a named dict of overrides applied on top of the preset, before `runlocal` shrinks it
+  (e.g. `llama3_8b,lora,runlocal`: the LoRA variant's code path on tiny sizes).
+  """
   name, *flags = arg.split(",")
   if name not in presets:
     raise ValueError(f"unknown {stage} preset {name!r}; choose one of {sorted(presets)}")
-  unknown = sorted(set(flags) - {"runlocal"})
+  options = ["runlocal", *variants]
+  unknown = sorted(set(flags) - set(options))
   if unknown:
-    raise ValueError(f"{stage} config arg {arg!r}: unknown option(s) {unknown}; the only one is 'runlocal'")
-  return name, "runlocal" in flags
+    raise ValueError(f"{stage} config arg {arg!r}: unknown option(s) {unknown}; choose from {options}")
+  overrides = {}
+  for flag in flags:
+    overrides.update(variants.get(flag, {}))
+  return name, "runlocal" in flags, overrides
+
+
+def parse_arg(arg: str, presets: dict, stage: str) -> tuple[str, bool]:
+  """`name` or `name,runlocal` (big_vision's run-local variant) -> (preset name, runlocal)."""
+  name, runlocal, _ = parse_variants(arg, presets, stage, {})
+  return name, runlocal
 
 
 def override(config: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
@@ -101,6 +115,11 @@ def lora(rank: int = 0, alpha: float = 16.0) -> mlc.ConfigDict:
   With rank r > 0 only the adapters of `target_modules` (q, k, v, o, gate, up, down) train, scaled by alpha / r.
   """
   return mlc.ConfigDict(dict(rank=rank, alpha=alpha, target_modules=("q", "k", "v", "o", "gate", "up", "down")))
+
+
+# The `lora` variant of the stage presets (`configs/sft.py:llama3_8b,lora`): rank 16, alpha 32 on every
+# projection, the convention `plan` sizes LoRA with.
+LORA = {"lora.rank": 16, "lora.alpha": 32.0, "lora.target_modules": ("q", "k", "v", "o", "gate", "up", "down")}
 
 
 def checkpointing(every_steps: int, keep: int = 2) -> mlc.ConfigDict:

@@ -3,6 +3,10 @@ r"""RL with the multiplicative reward r = h x s, from an SFT run.
 Tiny CPU run (after configs/sft.py:tiny and configs/reward_model.py:tiny):
   python -m safe_completion.main --config=configs/rl.py:tiny --workdir=/tmp/sc_rl \
     --config.init.sft_workdir=/tmp/sc_sft --config.grader.reward_model_dir=/tmp/sc_rm
+LoRA (`,lora`; after an SFT `,lora` run, whose bfloat16 frozen base it inherits): new adapters on the
+merged SFT model, which is also the reference (rl/loop.py says why):
+  python -m safe_completion.main --config=configs/rl.py:llama3_8b,lora --workdir=/gcs/bucket/rl_lora \
+    --config.init.sft_workdir=/gcs/bucket/sft_lora
 The refusal-training baseline arm uses the same r = h x s; only its grader's policy differs
 (configs/experiment.py trains it with a grader of specs/modes_refusal.md). No reward reads the
 prompt's intent label.
@@ -50,6 +54,14 @@ PRESETS = {
     "gemma_2b": {**_REAL, "model.remat_policy": common.model("gemma_2b").remat_policy, "rl.prompts_per_step": 4,
                  "rl.minibatches": 2, "optimizer.learning_rate": 2e-6},
 }
+# `<preset>,lora`: rank-16 adapters on the merged SFT model (the base and reference, one copy), full remat,
+# 4 prompts x 4 samples in 2 minibatches (8 prompts: the whole rollout batch's f32 logits in the log-prob
+# pass put qwen2_7b at 101% of v5e-8). Sized with `python -m safe_completion.plan
+# --config=configs/rl.py:<preset>,lora --sft_config=configs/sft.py:<preset>,lora --slice=v5e-8` (8 x 16 GiB,
+# the SFT variant's bfloat16 base): llama3_8b 9.36 GiB/device (58%), qwen2_7b 9.37 (59%), gemma_2b 12.54
+# (78%); on v4-8 (4 x 32 GiB) llama3_8b 18.31 (57%). Full fine-tuning needs v5p-8: llama3_8b 67.3 of 95.
+LORA = {**common.LORA, "model.remat_policy": "full", "rl.prompts_per_step": 4, "rl.minibatches": 2,
+        "optimizer.learning_rate": 1e-5}
 # The policy comes from the SFT workdir (an SFT `runlocal` run is the matching small model).
 RUNLOCAL = {"model.remat_policy": "none", "mesh.shape": (-1, 1, 1), "rl.prompts_per_step": 2,
             "rl.samples_per_prompt": 2, "rl.minibatches": 1, "rl.max_new_tokens": 8, "rl.max_prompt_len": 256,
@@ -57,7 +69,7 @@ RUNLOCAL = {"model.remat_policy": "none", "mesh.shape": (-1, 1, 1), "rl.prompts_
 
 
 def get_config(arg: str = "tiny") -> mlc.ConfigDict:
-  name, runlocal = common.parse_arg(arg, PRESETS, "rl")
+  name, runlocal, variant = common.parse_variants(arg, PRESETS, "rl", {"lora": LORA})
   config = mlc.ConfigDict()
   config.stage = "rl"
   config.seed = 0
@@ -82,7 +94,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.sample_table_every = 1
   config.sample_table_rows = 8
   config.wandb = common.wandb()
-  common.override(config, PRESETS[name])
+  common.override(config, {**PRESETS[name], **variant})
   if runlocal:
     common.override(config, RUNLOCAL)
   config.checkpoint.every_steps = max(config.num_steps // 4, 1)

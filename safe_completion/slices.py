@@ -32,7 +32,10 @@ class Slice:
 
 
 SLICES = {
+    "v4-8": Slice("v4-8", "tpu-ubuntu2204-base", "us-central2-b", "v4", devices=4, hosts=1, mesh=(1, -1, 1)),
     "v4-32": Slice("v4-32", "tpu-ubuntu2204-base", "us-central2-b", "v4", devices=16, hosts=4, mesh=(1, -1, 4)),
+    # The 8B-class `,lora` presets' slice (configs/sft.py, configs/rl.py).
+    "v5e-8": Slice("v5litepod-8", "v2-alpha-tpuv5-lite", "us-west4-a", "v5e", devices=8, hosts=1, mesh=(1, -1, 1)),
     "v5e-16": Slice("v5litepod-16", "v2-alpha-tpuv5-lite", "us-west4-a", "v5e", devices=16, hosts=4,
                     mesh=(1, -1, 4)),
     "v5p-8": Slice("v5p-8", "v2-alpha-tpuv5", "us-east5-a", "v5p", devices=4, hosts=1, mesh=(1, -1, 1)),

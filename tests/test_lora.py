@@ -11,12 +11,16 @@ import pytest
 import torch
 import transformers
 
+from configs import rl as rl_config
+from configs import sft as sft_config
 from safe_completion import checkpoint
 from safe_completion import config_checks
 from safe_completion import lora
 from safe_completion import metrics
 from safe_completion import parallel
+from safe_completion import plan
 from safe_completion import sft
+from safe_completion import slices
 from safe_completion import training
 from safe_completion.data import sft_data
 from safe_completion.models import convert
@@ -148,6 +152,9 @@ def test_lora_sft_from_hf_exports_a_merged_model_matching_the_adapter_forward_pa
     before = initial(torch.from_numpy(tokens).long()).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
   assert np.abs(before - theirs).max() > 1e-3  # The adapters moved the model, and the export carries them.
+  # Eval and serve load the workdir itself: the HF base of lora.json with the adapters merged in.
+  loaded, _, _ = checkpoint.load_model(str(workdir))
+  np.testing.assert_allclose(_logits(loaded, model_config, tokens), theirs, atol=1e-4)
 
 
 def test_lora_rl_reference_is_the_frozen_base_and_an_update_trains_only_adapters(tiny_sft_workdir, tmp_path):
@@ -188,3 +195,131 @@ def test_lora_rl_reference_is_the_frozen_base_and_an_update_trains_only_adapters
   jax.tree.map(np.testing.assert_array_equal, _host(sft_params), _host(state["base"].params))
   np.testing.assert_array_equal(np.asarray(logprobs(state["base"].params, batch)), base_logprobs)
   assert np.abs(np.asarray(logprobs(training.model_params(state), batch)) - base_logprobs).max() > 1e-6
+
+
+# ----------------------------------------------------------------------------- from a LoRA workdir: eval, RL
+
+@pytest.fixture(scope="module")
+def lora_sft_workdir(tmp_path_factory):
+  """A finished LoRA SFT run on a random float32 base (its adapters trained away from B = 0)."""
+  workdir = str(tmp_path_factory.mktemp("lora_sft"))
+  sft.train(micro_config(num_steps=4, **LORA, **{"optimizer.learning_rate": 1e-2}), workdir)
+  return workdir
+
+
+def _logits(params, model_config, tokens):
+  positions = np.arange(tokens.shape[1])[None].repeat(tokens.shape[0], 0)
+  forward = lora.forward if isinstance(params, lora.LoraParams) else transformer.forward
+  return np.asarray(forward(params, model_config, tokens, positions, np.ones_like(tokens)))
+
+
+def _restored_adapters(workdir, model_config):
+  lora_config, _ = checkpoint.read_lora(workdir)
+  shapes = jax.eval_shape(lambda r: lora.init_adapters(model_config, lora_config, r), jax.random.key(0))
+  return lora_config, checkpoint.restore_params(os.path.join(workdir, "checkpoints"), shapes)
+
+
+TOKENS = np.random.default_rng(0).integers(10, 4000, (2, 9)).astype(np.int32)
+
+
+def test_load_model_of_a_lora_run_gives_the_merged_model_whose_logits_equal_the_adapted_ones(lora_sft_workdir):
+  params, model_config, _ = checkpoint.load_model(lora_sft_workdir)
+  assert not any(_is_adapter_path(p) for p in flax.traverse_util.flatten_dict(params))
+  # The base rebuilt independently: the run's random init (config.seed = 0), as training.initial_params made it.
+  base = transformer.init_params(model_config, jax.random.key(0))
+  lora_config, adapters = _restored_adapters(lora_sft_workdir, model_config)
+  adapted = _logits(lora.LoraParams(lora.Base(base, lora_config), adapters), model_config, TOKENS)
+  np.testing.assert_allclose(_logits(params, model_config, TOKENS), adapted, atol=1e-5)
+  assert np.abs(_logits(base, model_config, TOKENS) - adapted).max() > 1e-3  # The adapters matter.
+  # Onto a mesh (as RL and eval load it): the same model, sharded like full params.
+  mesh = parallel.make_mesh((1, 8, 1))
+  shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh)
+  sharded, _, _ = checkpoint.load_model(lora_sft_workdir, shardings)
+  assert sharded["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec[1] == "fsdp"
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), sharded, params)
+
+
+def test_malformed_lora_metadata_is_an_error_naming_the_file(lora_sft_workdir, tmp_path):
+  workdir = tmp_path / "copy"
+  workdir.mkdir()
+  (workdir / checkpoint.LORA_FILE).write_text('{"rank": 4, "alpha": 8.0, "target_modules": ["q"], "base": {}}')
+  with pytest.raises(ValueError, match=r"lora\.json: field 'base' must name"):
+    checkpoint.read_lora(str(workdir))
+  (workdir / checkpoint.LORA_FILE).write_text(
+      '{"rank": 4, "alpha": 8.0, "target_modules": ["q"], "base": {"hf_dir": "/nonexistent", "seed": 0}}')
+  for name in (checkpoint.MODEL_CONFIG_FILE, checkpoint.TOKENIZER_DIR, "checkpoints"):
+    os.symlink(os.path.join(lora_sft_workdir, name), workdir / name)
+  with pytest.raises(FileNotFoundError, match=r"lora\.json: base\.hf_dir=/nonexistent is not a directory"):
+    checkpoint.load_model(str(workdir))
+
+
+def test_rl_from_a_lora_sft_workdir_trains_new_adapters_on_the_frozen_merged_sft_model(lora_sft_workdir, tmp_path,
+                                                                                      monkeypatch):
+  saved = []  # (base, adapters) of every state the RL loop checkpoints.
+  real_save = training.save
+
+  def spy(ckpt, step, state, num_steps):
+    saved.append((_host(state["base"].params), _host(state["params"])))
+    real_save(ckpt, step, state, num_steps)
+
+  monkeypatch.setattr(training, "save", spy)
+  config = micro_rl_config(lora_sft_workdir, num_steps=2, **LORA, **{"optimizer.warmup_steps": 0})
+  loop.train(config, str(tmp_path))
+  rows = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  assert rows[0]["kl"] == 0.0  # Fresh adapters on the merged SFT model: the policy starts as the reference.
+  assert min(r["update_skipped"] for r in rows) == 0.0
+
+  sft_model, model_config, _ = checkpoint.load_model(lora_sft_workdir)
+  assert len(saved) == 2
+  for base, _ in saved:  # The base (and reference) is the merged SFT model, bit for bit, at every step.
+    jax.tree.map(np.testing.assert_array_equal, _host(sft_model), base)
+  adapters = saved[-1][1]
+  assert np.abs(adapters["layers"]["mlp"]["down_proj"]["kernel_lora_b"]).max() > 0  # B left zero: trained.
+
+  # Eval of the RL run: load_model rebuilds base (merged SFT) + RL adapters, merged.
+  rl_model, _, _ = checkpoint.load_model(str(tmp_path))
+  lora_config, restored = _restored_adapters(str(tmp_path), model_config)
+  jax.tree.map(np.testing.assert_array_equal, adapters, _host(restored))
+  adapted = _logits(lora.LoraParams(lora.Base(sft_model, lora_config), restored), model_config, TOKENS)
+  np.testing.assert_allclose(_logits(rl_model, model_config, TOKENS), adapted, atol=1e-5)
+  assert np.abs(_logits(sft_model, model_config, TOKENS) - adapted).max() > 1e-6
+
+
+# ----------------------------------------------------------------------------- the `,lora` preset variants
+
+@pytest.mark.parametrize("model", ["llama3_8b", "qwen2_7b"])
+def test_lora_variants_parse_and_fit_v5e_8_where_full_fine_tuning_does_not(model):
+  machine = slices.get_slice("v5e-8")
+  sft_lora, rl_lora = sft_config.get_config(f"{model},lora"), rl_config.get_config(f"{model},lora")
+  for config in (sft_lora, rl_lora):
+    config_checks.validate(config)
+    assert (config.lora.rank, config.lora.alpha, tuple(config.lora.target_modules)) == (16, 32.0, tuple(lora.TARGETS))
+  assert sft_lora.model.param_dtype == "bfloat16" and sft_config.get_config(model).lora.rank == 0
+  plans = {"sft": plan.plan_config(sft_lora, machine.mesh, machine.devices, machine.hbm_gib),
+           "rl": plan.plan_config(rl_lora, machine.mesh, machine.devices, machine.hbm_gib, sft_lora)}
+  for stage, stage_plan in plans.items():
+    assert stage_plan.total < 0.9 * machine.hbm_gib * plan.GIB, (stage, plan.format_plan(stage_plan))
+  full = plan.plan_config(sft_config.get_config(model), machine.mesh, machine.devices, machine.hbm_gib)
+  assert not full.fits
+
+
+def test_lora_variant_flags_combine_with_runlocal_and_unknown_flags_are_named():
+  config = sft_config.get_config("llama3_8b,lora,runlocal")
+  assert config.lora.rank == 16 and config.model.hidden_size == 64 and config.model.param_dtype == "bfloat16"
+  assert rl_config.get_config("qwen2_7b,runlocal,lora").lora.rank == 16
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['qlora'\]; choose from \['runlocal', 'lora'\]"):
+    sft_config.get_config("llama3_8b,qlora")
+
+
+def test_lora_runlocal_sft_trains_adapters_on_its_bfloat16_base(tmp_path):
+  # The RL side of `,lora` is test_rl_from_a_lora_sft_workdir_... on a float32 base (exact comparisons).
+  config = sft_config.get_config("llama3_8b,lora,runlocal")
+  config.update_from_flattened_dict({"num_steps": 1, "data.max_examples": 16, "optimizer.warmup_steps": 0,
+                                     "optimizer.learning_rate": 1e-2})
+  sft.train(config, str(tmp_path))
+  params, model_config, _ = checkpoint.load_model(str(tmp_path))
+  assert model_config.param_dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jax.numpy.bfloat16)}
+  lora_config, adapters = _restored_adapters(str(tmp_path), model_config)
+  assert lora_config.rank == 16 and {x.dtype for x in jax.tree.leaves(adapters)} == {np.dtype(np.float32)}
+  assert np.abs(np.asarray(adapters["layers"]["attn"]["q_proj"]["kernel_lora_b"])).max() > 0
