@@ -72,21 +72,13 @@ def test_masked_tokens_get_no_gradient():
   assert np.all(np.asarray(grad)[MASK == 0] == 0)
 
 
-def test_completion_mask_runs_through_the_first_eos_and_drops_truncated_rows():
-  completion = jnp.array([[5, 2, 0, 0], [7, 7, 7, 7], [3, 9, 2, 0]])  # eos ids {2, 9}; pad 0.
-  lengths = pg.completion_lengths(completion, eos_ids=(2, 9))
-  np.testing.assert_array_equal(lengths, [2, 4, 2])
+def test_completion_mask_covers_each_rows_sampled_length_and_drops_truncated_rows():
+  lengths = jnp.array([2, 4, 2])  # The sampler's lengths (EOS included): prompt 3 + completion 4 = 7 tokens.
   mask = pg.completion_mask_from_lengths(prompt_len=3, total_len=7, lengths=lengths)
   np.testing.assert_array_equal(np.asarray(mask), [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
   finished = jnp.array([True, False, True])
   truncated_out = pg.completion_mask_from_lengths(3, 7, lengths, finished)
   assert float(truncated_out[1].sum()) == 0 and float(truncated_out[0].sum()) == 2
-
-
-def test_pad_equal_to_eos_keeps_the_eos_token():
-  completion = jnp.array([[4, 0, 0, 0]])  # pad == eos == 0: the first 0 is the EOS and counts.
-  lengths = pg.completion_lengths(completion, eos_ids=(0,))
-  assert int(lengths[0]) == 2
 
 
 def test_at_initialization_kl_is_zero_ratio_one_and_nothing_clips():

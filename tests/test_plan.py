@@ -58,7 +58,7 @@ def test_only_mapped_dimensions_are_split():
 
 def test_kv_cache_formula_equals_init_cache_bytes():
   config = _model("tiny", dtype="bfloat16")
-  cache = transformer.init_cache(config, batch_size=6, max_len=40, unstacked=True)  # As the sampler keeps it.
+  cache = transformer.init_cache(config, batch_size=6, max_len=40)
   actual = sum(x.nbytes for x in jax.tree.leaves(cache))
   assert plan.kv_cache_bytes(config, 6, 40, plan.axis_sizes((1, 1, 1), 1)) == actual
   # Split over the batch axes (data x fsdp = 2 x 3): k, v and segment ids shrink 6x, the index does not.

@@ -1,6 +1,5 @@
 """The KV-cache sampler agrees with full uncached forward passes, stops per row, filters and shards."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -206,21 +205,22 @@ def test_sampling_config_is_hashable_and_validated():
       sampling.SamplingConfig(**{"max_new_tokens": 4, **bad})
 
 
-def test_stacked_and_unstacked_cached_decoders_equal_the_uncached_forward(params, prompts):
+def test_cached_decoder_equals_the_uncached_forward(params, prompts):
   tokens, mask = prompts
   positions = transformer.positions_from_mask(mask)
   full = transformer.forward(params, CONFIG, tokens, positions, mask)
-  split = transformer.unstack_params(params, CONFIG)
-  for decoder, variables, unstacked in ((transformer.Decoder(CONFIG), params, False),
-                                        (transformer.Decoder(CONFIG, unstacked=True), split, True),
-                                        (transformer.Decoder(dataclasses.replace(CONFIG, scan_unroll=2)), params, False)):
-    cache = transformer.init_cache(CONFIG, len(tokens), PROMPT_LEN + 1, unstacked=unstacked)
-    # Prefill all but the last prompt token, then feed it as a one-token decode step.
-    head, cache = decoder.apply({"params": variables}, tokens[:, :-1], positions[:, :-1], mask[:, :-1], cache)
-    last, cache = decoder.apply({"params": variables}, tokens[:, -1:], positions[:, -1:], mask[:, -1:], cache)
-    real = mask[..., None].astype(bool)  # Padding queries attend to nothing; their logits are arbitrary.
-    np.testing.assert_allclose(jnp.where(real, jnp.concatenate([head, last], axis=1), 0), jnp.where(real, full, 0),
-                               atol=1e-4)
-    assert int(cache["index"]) == PROMPT_LEN
+  with pytest.raises(ValueError, match="unstacked=True"):  # The scanned layers take no cache.
+    transformer.Decoder(CONFIG).apply({"params": params}, tokens, positions, mask,
+                                      transformer.init_cache(CONFIG, len(tokens), PROMPT_LEN))
+  decoder, split = transformer.Decoder(CONFIG, unstacked=True), transformer.unstack_params(params, CONFIG)
+  cache = transformer.init_cache(CONFIG, len(tokens), PROMPT_LEN + 1)
+  # Prefill all but the last prompt token, then feed it as a one-token decode step.
+  head, cache = decoder.apply({"params": split}, tokens[:, :-1], positions[:, :-1], mask[:, :-1], cache)
+  last, cache = decoder.apply({"params": split}, tokens[:, -1:], positions[:, -1:], mask[:, -1:], cache)
+  real = mask[..., None].astype(bool)  # Padding queries attend to nothing; their logits are arbitrary.
+  np.testing.assert_allclose(jnp.where(real, jnp.concatenate([head, last], axis=1), 0), jnp.where(real, full, 0),
+                             atol=1e-4)
+  assert int(cache["index"]) == PROMPT_LEN
+  for decoder, variables in ((decoder, split), (transformer.Decoder(CONFIG), params)):
     only, _ = decoder.apply({"params": variables}, tokens, positions, mask, last_only=True)
     np.testing.assert_allclose(only, full[:, -1:], atol=1e-5)

@@ -103,7 +103,7 @@ class ServeEngine:
     self.traces["prefill"] += 1
     batch = tokens.shape[0]
     positions = transformer.positions_from_mask(mask)
-    cache = transformer.init_cache(self.config, batch, cache_len, unstacked=True)
+    cache = transformer.init_cache(self.config, batch, cache_len)
     logits, cache = self._decoder.apply({"params": params}, tokens, positions, mask, cache, last_only=True)
     state = {"step": jnp.zeros((), jnp.int32), "tokens": jnp.full((batch, out_len), self.backend.pad_id, jnp.int32),
              "lengths": jnp.zeros((batch,), jnp.int32), "done": jnp.zeros((batch,), bool),

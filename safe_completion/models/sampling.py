@@ -204,7 +204,7 @@ def sample(params: dict, model_config: transformer.ModelConfig, prompt_tokens: A
   prompt_mask = prompt_mask.astype(jnp.int32)
   positions = transformer.positions_from_mask(prompt_mask)
   # The last sampled token is never fed back, so P + N - 1 slots suffice.
-  cache = _constrain_cache(transformer.init_cache(model_config, batch, prompt_len + num_new - 1, unstacked=True))
+  cache = _constrain_cache(transformer.init_cache(model_config, batch, prompt_len + num_new - 1))
   logits, cache = decoder.apply({"params": params}, prompt_tokens.astype(jnp.int32), positions, prompt_mask, cache,
                                 last_only=True)
 

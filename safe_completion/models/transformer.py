@@ -196,16 +196,15 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
   """Grouped-query attention with RoPE, optional qkv bias, soft-capping and a KV cache.
 
-  With a cache, `kv` holds this layer's keys/values [B, Hkv, S, D] or, when
-  `layer` is given, every layer's [L, B, Hkv, S, D]. The new keys/values are
-  written at `cache_index` in place; the [.., Hkv, S, D] layout lets both
+  With a cache, `kv` holds this layer's keys/values [B, Hkv, S, D]; the new
+  keys/values are written at `cache_index` in place; the [.., Hkv, S, D] layout lets both
   einsums contract the cache without transposing it.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv, layer, cache_index):
+  def __call__(self, x, positions, mask, kv, cache_index):
     cfg = self.config
     batch, length, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
@@ -218,13 +217,8 @@ class Attention(nn.Module):
     kv_axes = "bskd"
     if kv is not None:
       new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
-      if layer is None:
-        kv = {n: jax.lax.dynamic_update_slice(kv[n], new[n].astype(kv[n].dtype), (0, 0, cache_index, 0)) for n in kv}
-        k, v = kv["k"], kv["v"]
-      else:
-        start = (layer, 0, 0, cache_index, 0)
-        kv = {n: jax.lax.dynamic_update_slice(kv[n], new[n][None].astype(kv[n].dtype), start) for n in kv}
-        k, v = (jax.lax.dynamic_index_in_dim(kv[n], layer, keepdims=False) for n in "kv")
+      kv = {n: jax.lax.dynamic_update_slice(kv[n], new[n].astype(kv[n].dtype), (0, 0, cache_index, 0)) for n in kv}
+      k, v = kv["k"], kv["v"]
       k, v = k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype)
       kv_axes = "bksd"
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
@@ -270,20 +264,18 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """One decoder layer; the scanned unit.
 
-  The carry is (x, KV cache or None). Scanned, the cache is every layer's,
-  carried whole with the layer index scanned: XLA then updates it in place,
-  where a scanned input/output cache would be sliced and rebuilt at every call.
+  The carry is (x, this layer's KV cache or None); scanned (training, log-probs) there is no cache.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, positions, global_mask, local_mask, cache_index, is_sliding, layer):
+  def __call__(self, carry, positions, global_mask, local_mask, cache_index, is_sliding):
     cfg = self.config
     x, kv = carry
     mask = global_mask if local_mask is None else jnp.where(is_sliding, local_mask, global_mask)
     attn_out, kv = Attention(cfg, name="attn")(
-        RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask, kv, layer, cache_index)
+        RMSNorm(cfg, name="pre_attn_norm")(x), positions, mask, kv, cache_index)
     if cfg.post_norms:
       attn_out = RMSNorm(cfg, name="post_attn_norm")(attn_out)
     x = x + attn_out
@@ -305,8 +297,9 @@ class Decoder(nn.Module):
 
   `unstacked=True` runs the layers as a Python loop over separate submodules
   `layers_0`, `layers_1`, ... (params from `unstack_params`, cache from
-  `init_cache(..., unstacked=True)`), so no layer's weights or cache are
-  sliced out of a stack: inside a decode loop, XLA would copy them every step.
+  `init_cache`), so no layer's weights or cache are sliced out of a stack:
+  inside a decode loop, XLA would copy them every step. A cache needs it; the
+  scanned layers (training, log-probs) run without one.
   """
 
   config: ModelConfig
@@ -348,16 +341,17 @@ class Decoder(nn.Module):
       new_kv = []
       for i in range(cfg.num_layers):
         (x, layer_kv), _ = block(cfg, name=f"layers_{i}")(
-            (x, None if kv is None else kv[i]), positions, global_mask, local_mask, cache_index, sliding[i], None)
+            (x, None if kv is None else kv[i]), positions, global_mask, local_mask, cache_index, sliding[i])
         new_kv.append(layer_kv)
       kv = None if kv is None else tuple(new_kv)
     else:
+      if kv is not None:
+        raise ValueError("a KV cache needs Decoder(config, unstacked=True) with unstack_params (as sampling.sample)")
       layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=cfg.num_layers,
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
           unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-      layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-      (x, kv), _ = layers((x, kv), positions, global_mask, local_mask, cache_index, jnp.asarray(sliding), layer_ids)
+      (x, _), _ = layers((x, None), positions, global_mask, local_mask, cache_index, jnp.asarray(sliding))
 
     x = RMSNorm(cfg, name="final_norm")(x)
     if last_only:
@@ -376,18 +370,12 @@ class Decoder(nn.Module):
     return logits, new_cache
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None, unstacked: bool = False) -> Cache:
-  """An empty KV cache: keys/values, key segment ids [B, S] and the write index.
-
-  Keys/values are [L, B, Hkv, S, D] arrays, or with `unstacked` a tuple of
-  per-layer [B, Hkv, S, D] ones (for `Decoder(config, unstacked=True)`).
-  """
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
+  """An empty KV cache for `Decoder(config, unstacked=True)`: per-layer keys/values [B, Hkv, S, D] (a tuple),
+  key segment ids [B, S] and the write index."""
   dtype = dtype or config.compute_dtype
   shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-  if unstacked:
-    layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
-  else:
-    layers = {"k": jnp.zeros((config.num_layers, *shape), dtype), "v": jnp.zeros((config.num_layers, *shape), dtype)}
+  layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
   return {"index": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
           "layers": layers}
 

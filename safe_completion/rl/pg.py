@@ -62,14 +62,6 @@ def completion_mask_from_lengths(prompt_len: int, total_len: int, lengths: jax.A
   return mask.astype(jnp.float32)
 
 
-def completion_lengths(completion_tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
-  """Tokens up to and including the first EOS (any of `eos_ids`); the full width if none."""
-  is_eos = jnp.isin(completion_tokens, jnp.asarray(eos_ids))
-  width = completion_tokens.shape[1]
-  first = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, width)
-  return first.astype(jnp.int32)
-
-
 def aggregate(values: jax.Array, mask: jax.Array, aggregation: str, max_completion_len: int) -> jax.Array:
   """Reduces per-token values [B, T] under a mask to a scalar, by the named rule."""
   if aggregation == "token_mean":
