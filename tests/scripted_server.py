@@ -82,6 +82,60 @@ def _wait_until_up(proc: subprocess.Popen, base_url: str, timeout_s: float, log)
   raise RuntimeError(f"server at {base_url} did not come up in {timeout_s}s")
 
 
+
+@contextlib.contextmanager
+def scripted(kind: str, env: Mapping[str, str] | None = None) -> Iterator[str]:
+  """This module's server of `kind` (echo, judge, teacher) on a free loopback port: yields its /v1 base URL."""
+  port = free_port()
+  with running_server(["tests.scripted_server", f"--kind={kind}", f"--port={port}"], port, env) as url:
+    yield url
+
+
+@contextlib.contextmanager
+def in_thread(app: fastapi.FastAPI) -> Iterator[str]:
+  """`app` behind a real uvicorn server on 127.0.0.1, in a thread; yields the /v1 base URL."""
+  port = free_port()
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started and time.monotonic() < deadline:
+    thread.join(timeout=0.02)  # A bounded wait that also returns at once if the server thread died.
+  try:
+    yield f"http://127.0.0.1:{port}/v1"
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def control(url: str, **body) -> None:
+  """POST /control of the server at base URL `url` (reset, fail_next, status, gate)."""
+  httpx.post(f"{url.removesuffix('/v1')}/control", json=body).raise_for_status()
+
+
+def inject(url: str, kind: str, count: int = 1) -> None:
+  """Answers the next `count` chat requests with fault `kind` (see `FAULTS`)."""
+  httpx.post(f"{url.removesuffix('/v1')}/faults", json={"kind": kind, "count": count}).raise_for_status()
+
+
+def stats(url: str) -> dict:
+  return httpx.get(f"{url.removesuffix('/v1')}/stats").json()
+
+
+def reset(url: str) -> str:
+  """Counters zeroed, no scripted failures or faults pending; returns `url`."""
+  control(url, reset=True, fail_next=0, gate=0)
+  inject(url, "html", count=0)
+  return url
+
+
+def user(text: str) -> list[dict]:
+  """A conversation of one user turn."""
+  return [{"role": "user", "content": text}]
+
+
+TOKENIZER_DIR = f"{REPO_ROOT}/data/tokenizer"
+
 class EchoBackend:
   """Replies "echo {i}: {last user message}"; a message starting "think:" gets a reasoning block."""
 

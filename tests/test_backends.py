@@ -17,34 +17,24 @@ from safe_completion.models import sampling
 from safe_completion.models import transformer
 from tests import scripted_server
 
+from tests.scripted_server import TOKENIZER_DIR
+from tests.scripted_server import control
+from tests.scripted_server import stats
+from tests.scripted_server import user
+
 ECHO = scripted_server.EchoBackend.model_id
-TOKENIZER_DIR = f"{scripted_server.REPO_ROOT}/data/tokenizer"
-
-
-def user(text):
-  return [{"role": "user", "content": text}]
 
 
 @pytest.fixture(scope="module")
 def echo_url():
-  port = scripted_server.free_port()
-  with scripted_server.running_server(["tests.scripted_server", "--kind=echo", f"--port={port}"], port) as url:
+  with scripted_server.scripted("echo") as url:
     yield url
 
 
 @pytest.fixture
 def server(echo_url):
   """The echo server with counters reset and no scripted failures."""
-  httpx.post(f"{echo_url[:-3]}/control", json={"reset": True, "fail_next": 0, "gate": 0}).raise_for_status()
-  return echo_url
-
-
-def control(url, **body):
-  httpx.post(f"{url[:-3]}/control", json=body).raise_for_status()
-
-
-def stats(url):
-  return httpx.get(f"{url[:-3]}/stats").json()
+  return scripted_server.reset(echo_url)
 
 
 def backend(url, model=ECHO, **kwargs):
@@ -156,9 +146,7 @@ def test_serve_response_schema(server):
 
 
 def test_api_key_comes_from_the_named_env_var(monkeypatch):
-  port = scripted_server.free_port()
-  env = {"SCRIPTED_EXPECTED_KEY": "sk-test-123"}
-  with scripted_server.running_server(["tests.scripted_server", "--kind=echo", f"--port={port}"], port, env) as url:
+  with scripted_server.scripted("echo", {"SCRIPTED_EXPECTED_KEY": "sk-test-123"}) as url:
     monkeypatch.setenv("SC_TEST_KEY", "sk-test-123")
     keyed = backend(url, api_key_env="SC_TEST_KEY")
     assert keyed.generate([user("x")], base.SamplingParams())[0][0].text == "echo 0 seed=None: x"

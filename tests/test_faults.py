@@ -5,7 +5,6 @@ Each test feeds one fault to the real component (real HTTP servers on loopback, 
 the fault gets through.
 """
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -22,7 +21,6 @@ import numpy as np
 import openai
 import pytest
 import transformers
-import uvicorn
 
 from safe_completion.backends import base
 from safe_completion.backends import http
@@ -40,12 +38,11 @@ from safe_completion.models import convert
 from safe_completion.models import transformer
 from tests import scripted_server
 
+from tests.scripted_server import TOKENIZER_DIR
+from tests.scripted_server import inject
+from tests.scripted_server import user
+
 ECHO = scripted_server.EchoBackend.model_id
-TOKENIZER_DIR = f"{scripted_server.REPO_ROOT}/data/tokenizer"
-
-
-def user(text):
-  return [{"role": "user", "content": text}]
 
 
 # ----------------------------------------------------------------------------- the HTTP client
@@ -53,27 +50,18 @@ def user(text):
 
 @pytest.fixture(scope="module")
 def echo_url():
-  port = scripted_server.free_port()
-  env = {"SCRIPTED_EXPECTED_KEY": "sk-faults-secret-0042"}
-  with scripted_server.running_server(["tests.scripted_server", "--kind=echo", f"--port={port}"], port, env) as url:
+  with scripted_server.scripted("echo", {"SCRIPTED_EXPECTED_KEY": "sk-faults-secret-0042"}) as url:
     yield url
 
 
 @pytest.fixture
 def server(echo_url, monkeypatch):
   monkeypatch.setenv("SC_FAULT_KEY", "sk-faults-secret-0042")
-  root = echo_url[:-3]
-  httpx.post(f"{root}/control", json={"reset": True, "fail_next": 0, "gate": 0}).raise_for_status()
-  httpx.post(f"{root}/faults", json={"kind": "html", "count": 0}).raise_for_status()
-  return echo_url
-
-
-def inject(url, kind, count=1):
-  httpx.post(f"{url[:-3]}/faults", json={"kind": kind, "count": count}).raise_for_status()
+  return scripted_server.reset(echo_url)
 
 
 def calls(url):
-  return httpx.get(f"{url[:-3]}/stats").json()["calls"]
+  return scripted_server.stats(url)["calls"]
 
 
 def client(url, **kwargs):
@@ -287,23 +275,6 @@ def test_transformers_never_trusts_remote_code():
 SERVE_KEY = "sk-serve-key-77"
 
 
-@contextlib.contextmanager
-def serving(app):
-  """`app` behind a real uvicorn server on 127.0.0.1, in a thread; yields the /v1 base URL."""
-  port = scripted_server.free_port()
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not server.started and time.monotonic() < deadline:
-    time.sleep(0.02)
-  try:
-    yield f"http://127.0.0.1:{port}/v1"
-  finally:
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def tiny_backend():
   tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
@@ -320,7 +291,7 @@ def engine(tiny_backend):
 
 @pytest.fixture(scope="module")
 def keyed_url(engine):
-  with serving(serve.make_app(engine, api_key=SERVE_KEY)) as url:
+  with scripted_server.in_thread(serve.make_app(engine, api_key=SERVE_KEY)) as url:
     yield url
 
 
@@ -426,7 +397,7 @@ def slow_engine(tiny_backend):
 
 @pytest.fixture(scope="module")
 def slow_url(slow_engine):
-  with serving(serve.make_app(slow_engine, max_queue=1, request_timeout_s=1.5)) as url:
+  with scripted_server.in_thread(serve.make_app(slow_engine, max_queue=1, request_timeout_s=1.5)) as url:
     yield url
 
 
@@ -497,15 +468,13 @@ def test_reward_model_grader_isolates_a_failing_row():
 
 @pytest.fixture(scope="module")
 def judge_url():
-  port = scripted_server.free_port()
-  with scripted_server.running_server(["tests.scripted_server", "--kind=judge", f"--port={port}"], port) as url:
+  with scripted_server.scripted("judge") as url:
     yield url
 
 
 @pytest.fixture(scope="module")
 def teacher_url():
-  port = scripted_server.free_port()
-  with scripted_server.running_server(["tests.scripted_server", "--kind=teacher", f"--port={port}"], port) as url:
+  with scripted_server.scripted("teacher") as url:
     yield url
 
 
@@ -581,7 +550,7 @@ def test_datagen_one_failed_judge_call_costs_no_row(judge_url, tmp_path):
   demos, _ = records.load_demonstrations(records.DEFAULT_DATA_DIR / "demonstrations", arms=["safe_completion"])
   teacher = datagen.DemonstrationTeacher(demos, "safe_completion")
   generate(prompts, "safe_completion", teacher, scripted_judge(judge_url), tmp_path / "clean")
-  httpx.post(f"{judge_url[:-3]}/control", json={"fail_next": 1, "fail_status": 400}).raise_for_status()
+  scripted_server.control(judge_url, fail_next=1, fail_status=400)
   generate(prompts, "safe_completion", teacher, scripted_judge(judge_url), tmp_path / "faulty")
   assert dropped_lines(tmp_path / "faulty") == []
   assert len(outcome(tmp_path / "faulty")) == 4 and outcome(tmp_path / "faulty") == outcome(tmp_path / "clean")
@@ -673,12 +642,11 @@ def test_retry_dropped_through_the_stage_keeps_arms_apart(judge_url, tmp_path):
   config.judge.kind = "llm_judge"
   config.judge.endpoint.update(base_url=judge_url, model=scripted_server.ScriptedJudge.model_id, api_key_env="")
   config.data.max_prompts, config.batch_size, config.arms = 6, 4, ("safe_completion",)
-  root = judge_url[:-3]
-  httpx.post(f"{root}/control", json={"fail_next": 10**6, "fail_status": 400}).raise_for_status()
+  scripted_server.control(judge_url, fail_next=10**6, fail_status=400)
   try:
     stats = datagen_stage.run(config, str(tmp_path))
   finally:
-    httpx.post(f"{root}/control", json={"fail_next": 0, "fail_status": 503}).raise_for_status()
+    scripted_server.control(judge_url, fail_next=0, fail_status=503)
   assert stats["safe_completion"]["totals"]["dropped:transient"] == 6
   for row in dropped_lines(tmp_path / "safe_completion"):
     assert row["reasons"][0].startswith("grader_error: BackendError: ") and "rejected the request (400)" in \
