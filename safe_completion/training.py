@@ -1,4 +1,5 @@
-"""What every trainer shares (SFT, RL): optimizer, train state, guarded update, checkpoints, resume.
+"""What every trainer shares (SFT, RL, reward model): optimizer, train state, guarded update, checkpoints,
+resume.
 
 Not a stage: trainers import it, it imports no trainer.
 
