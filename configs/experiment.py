@@ -73,11 +73,12 @@ REAL = {"llama3_8b": dict(slice="v5p-8", architecture="LlamaForCausalLM"),
         "gemma2_9b": dict(slice="v5p-8", architecture="Gemma2ForCausalLM")}
 PRESETS = {"tiny": {}, **{name: {} for name in REAL}}
 
-# Stage budgets of a real run: datagen over all train prompts; SFT 1000 steps of 256 sequences; RL 500 steps of
-# the stage preset's rollout batch; eval of every eval prompt, 4 completions each, with attacks.
-REAL_BUDGETS = {"sft.num_steps": 1000, "sft.checkpoint.every_steps": 100, "sft.eval_every": 100, "rl.num_steps": 500,
-                "rl.checkpoint.every_steps": 50, "rl.sample_table_every": 50, "eval.model.max_prompt_len": 2048,
-                "eval.model.batch_size": 16}
+# Stage budgets of a real run: datagen over all train prompts; SFT 1000 optimizer steps of 256 sequences
+# (`sft.num_steps` counts micro-batches: 1000 x the accumulation steps), a checkpoint and held-out loss every 50;
+# RL 500 steps of the stage preset's rollout batch; eval of every eval prompt, 4 completions each, with attacks.
+SFT_OPTIMIZER_STEPS, SFT_EVERY = 1000, 50
+REAL_BUDGETS = {"rl.num_steps": 500, "rl.checkpoint.every_steps": 50, "rl.sample_table_every": 50,
+                "eval.model.max_prompt_len": 2048, "eval.model.batch_size": 16}
 # runlocal: tiny shapes, a few prompts, 2 steps per stage, short generations. What stays as on the pod: the HF
 # start, the numerics (bfloat16 compute, float32 master weights, remat), gradient accumulation, the FSDP mesh,
 # the HTTP teacher and judges, the export.
@@ -93,11 +94,12 @@ RUNLOCAL = {"teacher.max_tokens": 32, "datagen.data.max_prompts": 8, "datagen.ma
             "eval.attacks.names": ("past_tense",)}
 
 
-def judge(arm: str = "safe_completion") -> mlc.ConfigDict:
-  """A grader role that reads the arm's policy: an LLM judge behind an OpenAI-compatible endpoint (any kind
-  `graders.factory` knows fits; a safety classifier kind takes mode and helpfulness from `helpfulness`)."""
+def judge() -> mlc.ConfigDict:
+  """A grader role that reads the arm's policy (the experiment sets `arm`): an LLM judge behind an
+  OpenAI-compatible endpoint. Any kind `graders.factory` knows fits; a safety classifier kind takes mode
+  and helpfulness from a `helpfulness` section."""
   return mlc.ConfigDict(dict(kind="llm_judge", reward_model_dir="", keyword="", saturation=4,
-                             endpoint=common.endpoint(), arm=arm))
+                             endpoint=common.endpoint(), arm="safe_completion"))
 
 
 def real_config(name: str, runlocal: bool) -> mlc.ConfigDict:
@@ -127,6 +129,9 @@ def real_config(name: str, runlocal: bool) -> mlc.ConfigDict:
   config.eval.grader_policy = "safe_completion"
   config.sft_eval_samples_per_prompt = 1
   config.export_hf = True  # Both arms' RL models as HF directories, for transformers and vLLM.
+  accum = config.sft.optimizer.grad_accum_steps
+  config.sft.num_steps = SFT_OPTIMIZER_STEPS * accum
+  config.sft.checkpoint.every_steps = config.sft.eval_every = SFT_EVERY * accum
   common.override(config, REAL_BUDGETS)
   if runlocal:
     common.override(config, RUNLOCAL)

@@ -45,13 +45,17 @@ MALFORMED_REQUESTS = 2  # Then some are 200s with a cut-off JSON body.
 # The teacher's spec-augmented prompts are up to ~2240 tokens; `serve` answers one prompt per request, so one row.
 TEACHER_PROMPT_LEN = 2304
 ARMS = ("refusal", "safe_completion")
+BASE_LAYERS = 3
 
 
 def build_base(out_dir):
-  """A random tiny Llama, saved as transformers saves one, with the shipped tokenizer."""
+  """A random tiny Llama, saved as transformers saves one, with the shipped tokenizer.
+
+  Three layers, where the runlocal model section has two: the trained shape shows which one SFT started from.
+  """
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(sft_data.TOKENIZER_DIR))
   hf_config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       num_hidden_layers=BASE_LAYERS, num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=512, tie_word_embeddings=False)
   torch.manual_seed(0)
   transformers.LlamaForCausalLM(hf_config).save_pretrained(out_dir)
@@ -182,7 +186,7 @@ def test_every_stage_takes_the_pod_path(pod_run):
     sft_config = read_json(run_dir / "sft" / "config.json")
     assert sft_config["init"]["hf_dir"] == str(base_dir) and sft_config["optimizer"]["grad_accum_steps"] == 2
     model = read_json(run_dir / "sft" / "model_config.json")  # The HF base's shape, pod numerics.
-    assert (model["hidden_size"], model["dtype"], model["param_dtype"]) == (64, "bfloat16", "float32")
+    assert (model["num_layers"], model["dtype"], model["param_dtype"]) == (BASE_LAYERS, "bfloat16", "float32")
     assert model["remat_policy"] == read_json(run_dir / "rl" / "config.json")["model"]["remat_policy"] != "none"
     for stage in ("sft", "rl"):
       assert _mesh_shapes(run_dir / stage / "checkpoints") == {(1, 8, 1)}  # data=1, fsdp=8, tensor=1.
