@@ -17,6 +17,7 @@ from safe_completion import config_checks
 from safe_completion import datagen
 from safe_completion import experiment
 from safe_completion import metrics as metric_writer
+from safe_completion import slices
 from safe_completion import specs as specs_lib
 from safe_completion.data import records
 from safe_completion.evaluation import metrics as metrics_lib
@@ -256,3 +257,18 @@ def test_export_writes_an_hf_directory_and_replaces_a_partial_one(tiny_sft_workd
   with torch.no_grad():
     theirs = exported(torch.from_numpy(tokens).long()).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", REAL_PRESETS)
+def test_the_lora_variant_trains_adapters_in_both_stages_on_a_smaller_slice(preset):
+  full, adapted = experiment_config.get_config(preset), experiment_config.get_config(f"{preset},lora")
+  local = experiment_config.get_config(f"{preset},lora,runlocal")
+  for config in (adapted, local):
+    assert config.sft.lora.rank > 0 and config.rl.lora.rank > 0 and config.sft.model.param_dtype == "bfloat16"
+  assert full.sft.lora.rank == full.rl.lora.rank == 0
+  assert slices.get_slice(adapted.slice).hbm_gib * slices.get_slice(adapted.slice).devices < (
+      slices.get_slice(full.slice).hbm_gib * slices.get_slice(full.slice).devices)
+  assert local.sft.optimizer.grad_accum_steps > 1 and local.export_hf and local.sft.mesh.shape == (1, -1, 1)
+  config_checks.validate(real_experiment_config(f"{preset},lora,runlocal"))
+  with pytest.raises(ValueError, match="unknown option"):
+    experiment_config.get_config(f"{preset},qlora")

@@ -14,14 +14,11 @@ to the next (the tags are added tokens, so no token repeats).
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import fastapi
 import httpx
@@ -29,7 +26,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-import uvicorn
 
 from safe_completion.data import sft_data
 from tests import scripted_classifiers
@@ -106,24 +102,6 @@ def judge_app() -> fastapi.FastAPI:
   return app
 
 
-@contextlib.contextmanager
-def serving(app: fastapi.FastAPI, timeout_s: float = 30.0):
-  """`app` on a loopback port in a thread of this process; yields its base URL."""
-  port = scripted_server.free_port()
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + timeout_s
-  while not server.started:
-    assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
-    thread.join(timeout=0.05)  # A bounded wait that also notices the thread dying.
-  try:
-    yield f"http://127.0.0.1:{port}/v1"
-  finally:
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
 def read_json(path):
   with open(path) as f:
     return json.load(f)
@@ -145,10 +123,9 @@ def pod_run(tmp_path_factory):
   teacher_args = ["safe_completion.backends.serve", f"--model_dir={teacher_dir}", f"--model_id={TEACHER_MODEL}",
                   "--allow_no_auth", f"--port={port}", f"--max_prompt_len={TEACHER_PROMPT_LEN}",
                   "--batch_size=1", "--chunk_tokens=32"]
-  with (scripted_server.running_server(teacher_args, port) as teacher_url, serving(judge_app()) as judge_url,
-        serving(scripted_classifiers.build_app()) as classifier_url):
-    httpx.post(judge_url.removesuffix("/v1") + "/faults", json={"kind": "not_json", "count": MALFORMED_REQUESTS},
-               timeout=5).raise_for_status()
+  with (scripted_server.running_server(teacher_args, port) as teacher_url, scripted_server.in_thread(judge_app()) as judge_url,
+        scripted_server.in_thread(scripted_classifiers.build_app()) as classifier_url):
+    scripted_server.inject(judge_url, "not_json", MALFORMED_REQUESTS)
     command = [sys.executable, "-m", "safe_completion.main", "--config=configs/experiment.py:llama3_8b,runlocal",
                f"--workdir={workdir}", f"--jax_cache_dir={root / 'jax_cache'}",
                f"--config.sft.init.hf_dir={base_dir}",
@@ -162,7 +139,7 @@ def pod_run(tmp_path_factory):
     result = subprocess.run(command, cwd=scripted_server.REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
-    judge_calls = httpx.get(judge_url.removesuffix("/v1") + "/stats", timeout=5).json()["calls"]
+    judge_calls = scripted_server.stats(judge_url)["calls"]
     classifier_requests = httpx.get(classifier_url.removesuffix("/v1") + "/requests", timeout=5).json()
   return workdir, base_dir, judge_calls, classifier_requests, result.stdout
 
