@@ -16,6 +16,7 @@ covers left-padded batches, packed sequences and KV-cache decoding.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -71,6 +72,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   scan_unroll: int = 1  # Layers per iteration of the layer scan; num_layers unrolls it (fast CPU decode).
+  attention_block: int = 128  # Query rows per block of uncached attention (causal blocks skip later keys); 0: one.
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -83,6 +85,8 @@ class ModelConfig:
         raise ValueError(f"model.{field}={value!r} is not one of {sorted(choices)}")
     if self.scan_unroll < 1:
       raise ValueError(f"model.scan_unroll={self.scan_unroll} must be at least 1")
+    if self.attention_block < 0:
+      raise ValueError(f"model.attention_block={self.attention_block} must be 0 (one block) or positive")
 
   @property
   def compute_dtype(self):
@@ -146,6 +150,84 @@ def attention_mask(query_slots: Array, key_slots: Array, query_segments: Array, 
   if window is not None:
     mask &= (query_slots[None, :, None] - key_slots[None, None, :]) < window
   return mask
+
+
+def _attention_scores(q: Array, k: Array, mask: Array, softcap: float | None) -> tuple[Array, Array]:
+  """f32 scores [B, Hkv, G, T, S] of q [B, Hkv, G, T, D] and k [B, Hkv, S, D]: soft-capped, then masked."""
+  scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+  if softcap is not None:
+    scores = jnp.tanh(scores / softcap) * softcap
+  return scores, jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+
+
+def _query_blocks(length: int, num_keys: int, block: int) -> list[tuple[int, int, int]]:
+  """(first row, end row, keys seen) per query block; causal blocks see the keys up to their last row."""
+  if not block or block >= length:
+    return [(0, length, num_keys)]
+  return [(lo, min(lo + block, length), min(lo + block, num_keys)) for lo in range(0, length, block)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, softcap: float | None = None,
+                          causal_block: int = 0) -> Array:
+  """softmax(mask(softcap(q k^T))) v, computed by query blocks without storing the probabilities.
+
+  q [B, T, Hkv, G, D] (scaled), k and v [B, Hkv, S, D], mask [B, T, S] bool;
+  returns [B, T, Hkv, G, D]. The backward pass recomputes each block's
+  probabilities from the saved log-sum-exp (as flash attention does), so
+  neither pass holds a [B, H, T, S] tensor for the whole sequence or layer
+  stack. `causal_block` > 0 promises that no query attends to a later key
+  slot (mask[b, t, s] is False for s > t): query rows then go in blocks of that
+  size and each block reads only the keys up to its last row, about half the
+  work at long lengths. A row that attends to nothing gets the mean of the
+  values it was offered, as a softmax over masked scores does.
+  """
+  return _attention_fwd(q, k, v, mask, softcap, causal_block)[0]
+
+
+def _attention_fwd(q, k, v, mask, softcap, causal_block):
+  qt = q.transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]: every dot below is a plain batched matmul.
+  outs, lses = [], []
+  for lo, hi, end in _query_blocks(q.shape[1], k.shape[2], causal_block):
+    _, scores = _attention_scores(qt[:, :, :, lo:hi], k[:, :, :end], mask[:, lo:hi, :end], softcap)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(v.dtype), v[:, :, :end],
+                     preferred_element_type=jnp.float32) / total
+    outs.append(out.astype(v.dtype))
+    lses.append(top + jnp.log(total))
+  out = jnp.concatenate(outs, axis=3)
+  return out.transpose(0, 3, 1, 2, 4), (qt, k, v, mask, out, jnp.concatenate(lses, axis=3))
+
+
+def _attention_bwd(softcap, causal_block, residuals, grad_out):
+  qt, k, v, mask, out, lse = residuals
+  grad_out = grad_out.transpose(0, 2, 3, 1, 4)
+  # d softmax: p * (dp - sum(p * dp)), and sum(p * dp) = sum(out * grad_out) over the head dim.
+  delta = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  dq_blocks = []
+  dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  for lo, hi, end in _query_blocks(qt.shape[3], k.shape[2], causal_block):
+    block_mask = mask[:, lo:hi, :end]
+    capped, scores = _attention_scores(qt[:, :, :, lo:hi], k[:, :, :end], block_mask, softcap)
+    probs = jnp.exp(scores - lse[:, :, :, lo:hi])
+    dprobs = jnp.einsum("bkgtd,bksd->bkgts", grad_out[:, :, :, lo:hi], v[:, :, :end],
+                        preferred_element_type=jnp.float32)
+    dscores = jnp.where(block_mask[:, None, None], probs * (dprobs - delta[:, :, :, lo:hi]), 0.0)
+    if softcap is not None:
+      dscores = dscores * (1.0 - jnp.square(capped / softcap))
+    dscores = dscores.astype(qt.dtype)
+    dq_blocks.append(jnp.einsum("bkgts,bksd->bkgtd", dscores, k[:, :, :end], preferred_element_type=jnp.float32))
+    dk = dk.at[:, :, :end].add(jnp.einsum("bkgts,bkgtd->bksd", dscores, qt[:, :, :, lo:hi],
+                                          preferred_element_type=jnp.float32))
+    dv = dv.at[:, :, :end].add(jnp.einsum("bkgts,bkgtd->bksd", probs.astype(v.dtype), grad_out[:, :, :, lo:hi],
+                                          preferred_element_type=jnp.float32))
+  dq = jnp.concatenate(dq_blocks, axis=3).transpose(0, 3, 1, 2, 4)
+  return dq.astype(qt.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Dense(nn.Module):
@@ -214,34 +296,30 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(cfg)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    kv_axes = "bskd"
     if kv is not None:
       new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
       kv = {n: jax.lax.dynamic_update_slice(kv[n], new[n].astype(kv[n].dtype), (0, 0, cache_index, 0)) for n in kv}
       k, v = kv["k"], kv["v"]
       k, v = k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype)
-      kv_axes = "bksd"
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
     q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim) * jnp.asarray(scale, q.dtype)
-    # One query per row against a cache (decoding): a multiply-reduce reads the cache once; XLA:CPU runs
-    # the equivalent batched dots, with only `groups` columns each, about 3x slower.
-    one_query = kv is not None and length == 1
-    if one_query:
+    if kv is None or length > 1:  # Training, log-probs and prefill.
+      if kv is None:  # Query slot i is key slot i, so the attention is causal in blocks.
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+      out = dot_product_attention(q, k, v, mask, cfg.attn_logit_softcap, cfg.attention_block if kv is None else 0)
+      out = out.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    else:
+      # One query per row against a cache (decoding): a multiply-reduce reads the cache once; XLA:CPU runs
+      # the equivalent batched dots, with only `groups` columns each, about 3x slower.
       f32 = jnp.float32
       scores = jnp.sum(q[:, 0, :, :, None, None, :].astype(f32) * k[:, :, None, None].astype(f32), axis=-1)
-    else:
-      scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k).astype(jnp.float32)
-    if cfg.attn_logit_softcap is not None:
-      scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    if one_query:
+      if cfg.attn_logit_softcap is not None:
+        scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+      scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
       probs = jax.nn.softmax(scores, axis=-1)
       out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(f32), axis=-2).transpose(0, 3, 1, 2, 4)
       out = out.astype(cfg.compute_dtype).reshape(batch, length, cfg.num_heads, cfg.head_dim)
-    else:
-      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-      out = jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v).reshape(batch, length, cfg.num_heads, cfg.head_dim)
     out = Dense((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract_dims=2, name="o_proj")(out)
     return out, kv
 
