@@ -57,6 +57,18 @@ def _match(path: pathlib.Path, *parts: str) -> str:
   return re.escape(str(path)) + ".*" + ".*".join(re.escape(p) for p in parts)
 
 
+def _expect_load_error(tmp_path: pathlib.Path, name: str, text: str, *parts: str) -> tuple[pathlib.Path, int]:
+  """`text` saved as `name` must fail to load with an error naming the file, then each part in order.
+
+  Returns the path and the line the error names (`path:LINE:`; 0 when it names none).
+  """
+  path = _write(tmp_path, name, text)
+  with pytest.raises(SpecError, match=_match(path, *parts)) as e:
+    specs_lib.load_spec(path)
+  line = re.search(re.escape(str(path)) + r":(\d+):", str(e.value))
+  return path, int(line.group(1)) if line else 0
+
+
 @pytest.fixture(scope="module")
 def shipped() -> dict[str, specs_lib.Spec]:
   return specs_lib.load_specs()
@@ -136,39 +148,30 @@ def test_section_returns_text_up_to_next_heading(tmp_path):
 
 
 def test_missing_front_matter(tmp_path):
-  path = _write(tmp_path, "biorisk.md", _category_body())
-  with pytest.raises(SpecError, match=_match(path, ":1:", "front matter", "missing")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_body(), ":1:", "front matter", "missing")
 
 
 def test_unterminated_front_matter(tmp_path):
   text = _category_text().replace("\n---\n\n", "\n\n", 1)
-  path = _write(tmp_path, "biorisk.md", text)
-  with pytest.raises(SpecError, match=_match(path, "front matter", "unterminated")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", text, "front matter", "unterminated")
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
   # Line 3 of the file: an unclosed flow sequence.
   text = _category_text(front={"title": "[unclosed, list"})
-  path = _write(tmp_path, "biorisk.md", text)
-  with pytest.raises(SpecError, match=_match(path, "front matter", "YAML syntax error")) as e:
-    specs_lib.load_spec(path)
-  line = int(re.search(re.escape(str(path)) + r":(\d+):", str(e.value)).group(1))
+  _, line = _expect_load_error(tmp_path, "biorisk.md", text, "front matter", "YAML syntax error")
   assert 3 <= line <= 6
 
 
 def test_front_matter_not_a_mapping(tmp_path):
-  path = _write(tmp_path, "biorisk.md", "---\n- a\n- b\n---\n\n" + _category_body())
-  with pytest.raises(SpecError, match=_match(path, "front matter", "mapping")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", "---\n- a\n- b\n---\n\n" + _category_body(),
+                     "front matter", "mapping")
 
 
 @pytest.mark.parametrize("field", specs_lib.REQUIRED_FIELDS)
 def test_missing_required_field(tmp_path, field):
-  path = _write(tmp_path, "biorisk.md", _category_text(front={field: None}))
-  with pytest.raises(SpecError, match=_match(path, f"field '{field}'", "missing")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(front={field: None}),
+                     f"field '{field}'", "missing")
 
 
 @pytest.mark.parametrize("field,value", [
@@ -179,136 +182,107 @@ def test_missing_required_field(tmp_path, field):
     ("applies_to", "[]"),
 ])
 def test_wrong_typed_field(tmp_path, field, value):
-  path = _write(tmp_path, "biorisk.md", _category_text(front={field: value}))
-  with pytest.raises(SpecError, match=_match(path, f"field '{field}'", "must be")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(front={field: value}),
+                     f"field '{field}'", "must be")
 
 
 def test_duplicate_front_matter_key_names_key_and_line(tmp_path):
-  path = _write(tmp_path, "biorisk.md", _category_text(front={"kind": "category\nkind: modes"}))
-  with pytest.raises(SpecError, match=_match(path, ":6:", "duplicate key 'kind'")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(front={"kind": "category\nkind: modes"}),
+                     ":6:", "duplicate key 'kind'")
 
 
 def test_unknown_field(tmp_path):
-  path = _write(tmp_path, "biorisk.md", _category_text(front={"severty": "x"}))
-  with pytest.raises(SpecError, match=_match(path, "severty", "unknown")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(front={"severty": "x"}), "severty", "unknown")
 
 
 def test_unknown_kind(tmp_path):
-  path = _write(tmp_path, "biorisk.md", _category_text(front={"kind": "policy"}))
-  with pytest.raises(SpecError, match=_match(path, "field 'kind'", "'policy'")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(front={"kind": "policy"}),
+                     "field 'kind'", "'policy'")
 
 
 def test_category_spec_with_unknown_category(tmp_path):
-  path = _write(tmp_path, "biorisk.md", _category_text(front={"applies_to": "[biorisk, weather]"}))
-  with pytest.raises(SpecError, match=_match(path, "field 'applies_to'", "unknown category",
-                                             "weather")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(front={"applies_to": "[biorisk, weather]"}),
+                     "field 'applies_to'", "unknown category", "weather")
 
 
 def test_category_spec_id_must_match_file_name(tmp_path):
-  path = _write(tmp_path, "hate.md", _category_text("biorisk"))
-  with pytest.raises(SpecError, match=_match(path, "field 'id'", "'hate'")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "hate.md", _category_text("biorisk"), "field 'id'", "'hate'")
 
 
 def test_modes_guide_with_unknown_arm(tmp_path):
-  path = _write(tmp_path, "modes.md", _modes_text("modes_x", "lenient"))
-  with pytest.raises(SpecError, match=_match(path, "field 'applies_to'", "unknown arm", "lenient")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "modes.md", _modes_text("modes_x", "lenient"),
+                     "field 'applies_to'", "unknown arm", "lenient")
 
 
 def test_modes_guide_must_not_have_severity(tmp_path):
-  path = _write(tmp_path, "modes.md", _modes_text("modes_x", "refusal", _SEVERITY + "\n"))
-  with pytest.raises(SpecError, match=_match(path, "field 'severity'", "only category specs")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "modes.md", _modes_text("modes_x", "refusal", _SEVERITY + "\n"),
+                     "field 'severity'", "only category specs")
 
 
 # Severity rubric errors.
 
 
 def test_severity_missing(tmp_path):
-  path = _write(tmp_path, "biorisk.md", _category_text(severity=""))
-  with pytest.raises(SpecError, match=_match(path, "field 'severity'", "missing")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(severity=""), "field 'severity'", "missing")
 
 
 def test_severity_missing_level(tmp_path):
   severity = "\n".join(line for line in _SEVERITY.splitlines() if "moderate" not in line)
-  path = _write(tmp_path, "biorisk.md", _category_text(severity=severity))
-  with pytest.raises(SpecError,
-                     match=_match(path, "field 'severity'", "missing level", "moderate")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(severity=severity),
+                     "field 'severity'", "missing level", "moderate")
 
 
 @pytest.mark.parametrize("level", ["none", "critical"])
 def test_severity_unknown_level(tmp_path, level):
-  path = _write(tmp_path, "biorisk.md", _category_text(severity=_SEVERITY + f"\n  {level}: x"))
-  with pytest.raises(SpecError, match=_match(path, "field 'severity'", "unknown level", level)):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(severity=_SEVERITY + f"\n  {level}: x"),
+                     "field 'severity'", "unknown level", level)
 
 
 def test_severity_level_text_must_be_string(tmp_path):
   severity = _SEVERITY.replace("low: Partial detail that needs much more work.", "low: 3")
-  path = _write(tmp_path, "biorisk.md", _category_text(severity=severity))
-  with pytest.raises(SpecError, match=_match(path, "field 'severity.low'", "non-empty string")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(severity=severity),
+                     "field 'severity.low'", "non-empty string")
 
 
 def test_severity_not_a_mapping(tmp_path):
-  path = _write(tmp_path, "biorisk.md", _category_text(severity="severity: [low, high]"))
-  with pytest.raises(SpecError, match=_match(path, "field 'severity'", "mapping")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(severity="severity: [low, high]"),
+                     "field 'severity'", "mapping")
 
 
 # Body errors.
 
 
 def test_empty_body(tmp_path):
-  path = _write(tmp_path, "biorisk.md", _category_text(body="\n  \n"))
-  with pytest.raises(SpecError, match=_match(path, "body", "empty")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(body="\n  \n"), "body", "empty")
 
 
 @pytest.mark.parametrize("heading", specs_lib.CATEGORY_SECTIONS)
 def test_missing_body_section_names_the_heading(tmp_path, heading):
-  path = _write(tmp_path, "biorisk.md", _category_text(body=_category_body(skip=heading)))
-  with pytest.raises(SpecError,
-                     match=_match(path, "body", f"missing required section '## {heading}'")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(body=_category_body(skip=heading)),
+                     "body", f"missing required section '## {heading}'")
 
 
 def test_empty_body_section_names_heading_and_line(tmp_path):
   body = _category_body().replace("Text for Examples.", "")
-  path = _write(tmp_path, "biorisk.md", _category_text(body=body))
-  with pytest.raises(SpecError, match=_match(path, "body", "'## Examples' is empty")) as e:
-    specs_lib.load_spec(path)
-  line = int(re.search(re.escape(str(path)) + r":(\d+):", str(e.value)).group(1))
-  assert path.read_text().splitlines()[line - 1] == "## Examples"
+  path, line = _expect_load_error(tmp_path, "biorisk.md", _category_text(body=body), "body",
+                                  "'## Examples' is empty")
+  assert line and path.read_text().splitlines()[line - 1] == "## Examples"
 
 
 def test_duplicate_body_section(tmp_path):
   body = _category_body() + "\n## Examples\n\nMore.\n"
-  path = _write(tmp_path, "biorisk.md", _category_text(body=body))
-  with pytest.raises(SpecError, match=_match(path, "'## Examples' appears 2 times")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(body=body), "'## Examples' appears 2 times")
 
 
 def test_heading_inside_code_fence_does_not_count(tmp_path):
   body = _category_body(skip="Examples") + "\n```\n## Examples\n```\n"
-  path = _write(tmp_path, "biorisk.md", _category_text(body=body))
-  with pytest.raises(SpecError, match=_match(path, "missing required section '## Examples'")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "biorisk.md", _category_text(body=body),
+                     "missing required section '## Examples'")
 
 
 def test_modes_guide_missing_output_format(tmp_path):
   text = _modes_text("modes_x", "refusal").replace("## Output format", "## Format")
-  path = _write(tmp_path, "modes.md", text)
-  with pytest.raises(SpecError, match=_match(path, "missing required section '## Output format'")):
-    specs_lib.load_spec(path)
+  _expect_load_error(tmp_path, "modes.md", text, "missing required section '## Output format'")
 
 
 # Spec sets.
