@@ -5,8 +5,16 @@ function `(config, workdir)` that a colab can call directly.
 """
 
 import importlib
+import os
 
-import jax
+# XLA:CPU hands only dots to YNNPACK: by default it also takes elementwise and reduce fusions, which made the
+# SFT step 20-25% slower in CPU time on 2-core Zen 4 and Xeon hosts (benchmarks/README.md). XLA reads its
+# flags when the backend starts, so this precedes any computation; a user's own setting of the flag wins.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot"
+if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
 from absl import app
 from absl import flags
 from absl import logging
