@@ -14,7 +14,7 @@ Usage:
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from safe_completion import taxonomy
 from safe_completion.data import reading
@@ -211,42 +211,39 @@ def _checked(vocabulary: Sequence[str], values: Iterable[str] | str | None,
   return frozenset(values)
 
 
+def _keep(**filters: tuple[Sequence[str], Iterable[str] | str | None, str]) -> Callable[[Any], bool]:
+  """A record filter from {attribute: (vocabulary, allowed values or None for all, argument name)}.
+
+  The values are checked against their vocabularies first, in argument order.
+  """
+  allowed = {name: _checked(*spec) for name, spec in filters.items()}
+  return lambda r: all(values is None or getattr(r, name) in values for name, values in allowed.items())
+
+
 def load_prompts(paths: Paths, *, split: str | None = None,
                  categories: Iterable[str] | None = None,
                  skip_invalid: bool = False) -> tuple[list[PromptRecord], LoadReport]:
   """Loads and validates prompts; optionally keeps one split and some categories."""
-  splits = _checked(taxonomy.SPLITS, split, "split")
-  categories = _checked(taxonomy.CATEGORIES, categories, "categories")
-  return reading.load_records(
-      PROMPT_SCHEMA, paths, skip_invalid=skip_invalid,
-      keep=lambda r: (splits is None or r.split in splits)
-      and (categories is None or r.category in categories))
+  keep = _keep(split=(taxonomy.SPLITS, split, "split"),
+               category=(taxonomy.CATEGORIES, categories, "categories"))
+  return reading.load_records(PROMPT_SCHEMA, paths, skip_invalid=skip_invalid, keep=keep)
 
 
 def load_demonstrations(paths: Paths, *, arms: Iterable[str] | None = None,
                         categories: Iterable[str] | None = None,
                         skip_invalid: bool = False) -> tuple[list[Demonstration], LoadReport]:
   """Loads and validates demonstrations; optionally keeps some arms and categories."""
-  arms = _checked(taxonomy.ARMS, arms, "arms")
-  categories = _checked(taxonomy.CATEGORIES, categories, "categories")
-  return reading.load_records(
-      DEMONSTRATION_SCHEMA, paths, skip_invalid=skip_invalid,
-      keep=lambda r: (arms is None or r.arm in arms)
-      and (categories is None or r.category in categories))
+  keep = _keep(arm=(taxonomy.ARMS, arms, "arms"), category=(taxonomy.CATEGORIES, categories, "categories"))
+  return reading.load_records(DEMONSTRATION_SCHEMA, paths, skip_invalid=skip_invalid, keep=keep)
 
 
 def load_grades(paths: Paths, *, split: str | None = None,
                 categories: Iterable[str] | None = None, labels: Iterable[str] | None = None,
                 skip_invalid: bool = False) -> tuple[list[GradeRecord], LoadReport]:
   """Loads and validates grader-training rows; optionally filtered."""
-  splits = _checked(taxonomy.SPLITS, split, "split")
-  categories = _checked(taxonomy.CATEGORIES, categories, "categories")
-  labels = _checked(GRADE_LABELS, labels, "labels")
-  return reading.load_records(
-      GRADE_SCHEMA, paths, skip_invalid=skip_invalid,
-      keep=lambda r: (splits is None or r.split in splits)
-      and (categories is None or r.category in categories)
-      and (labels is None or r.label in labels))
+  keep = _keep(split=(taxonomy.SPLITS, split, "split"),
+               category=(taxonomy.CATEGORIES, categories, "categories"), label=(GRADE_LABELS, labels, "labels"))
+  return reading.load_records(GRADE_SCHEMA, paths, skip_invalid=skip_invalid, keep=keep)
 
 
 def check_demonstrations(prompts: Sequence[PromptRecord],
