@@ -27,7 +27,9 @@ import pytest
 import torch
 import transformers
 
+from safe_completion import checkpoint
 from safe_completion.data import sft_data
+from safe_completion.models import transformer
 from tests import scripted_classifiers
 from tests import scripted_server
 
@@ -113,35 +115,52 @@ def read_rows(path):
 
 
 @pytest.fixture(scope="module")
-def pod_run(tmp_path_factory):
-  """The runlocal experiment, run once; (workdir, base dir, judge and classifier request counts, stdout)."""
+def endpoints(tmp_path_factory):
+  """The HF base and, on loopback, the served teacher, the judge and the classifier; shared by the presets."""
   root = tmp_path_factory.mktemp("runlocal")
-  base_dir, teacher_dir, workdir = root / "base", root / "teacher", root / "experiment"
+  base_dir, teacher_dir = root / "base", root / "teacher"
   build_base(base_dir)
   build_teacher(teacher_dir)
   port = scripted_server.free_port()
   teacher_args = ["safe_completion.backends.serve", f"--model_dir={teacher_dir}", f"--model_id={TEACHER_MODEL}",
                   "--allow_no_auth", f"--port={port}", f"--max_prompt_len={TEACHER_PROMPT_LEN}",
                   "--batch_size=1", "--chunk_tokens=32"]
-  with (scripted_server.running_server(teacher_args, port) as teacher_url, scripted_server.in_thread(judge_app()) as judge_url,
+  with (scripted_server.running_server(teacher_args, port) as teacher_url,
+        scripted_server.in_thread(judge_app()) as judge_url,
         scripted_server.in_thread(scripted_classifiers.build_app()) as classifier_url):
-    scripted_server.inject(judge_url, "not_json", MALFORMED_REQUESTS)
-    command = [sys.executable, "-m", "safe_completion.main", "--config=configs/experiment.py:llama3_8b,runlocal",
-               f"--workdir={workdir}", f"--jax_cache_dir={root / 'jax_cache'}",
-               f"--config.sft.init.hf_dir={base_dir}",
-               f"--config.teacher.endpoint.base_url={teacher_url}", f"--config.teacher.endpoint.model={TEACHER_MODEL}"]
-    for role in ("datagen.judge", "rl.grader", "eval.grader.helpfulness"):
-      command += [f"--config.{role}.endpoint.base_url={judge_url}", f"--config.{role}.endpoint.model={JUDGE}"]
-    command += ["--config.eval.grader.kind=gpt_oss_safeguard", "--config.eval.grader.helpfulness.kind=llm_judge",
-                f"--config.eval.grader.endpoint.base_url={classifier_url}",
-                f"--config.eval.grader.endpoint.model={SAFEGUARD}"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(command, cwd=scripted_server.REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
-    judge_calls = scripted_server.stats(judge_url)["calls"]
-    classifier_requests = httpx.get(classifier_url.removesuffix("/v1") + "/requests", timeout=5).json()
-  return workdir, base_dir, judge_calls, classifier_requests, result.stdout
+    yield dict(root=root, base_dir=base_dir, teacher_url=teacher_url, judge_url=judge_url,
+               classifier_url=classifier_url)
+
+
+# Presets run, with the master weights' dtype each trains. The LoRA variant ("llama3_8b,lora,runlocal":
+# "bfloat16") passes these tests too, in another ~70 s: over this file's CI budget, so it is not run by default.
+PRESETS = {"llama3_8b,runlocal": "float32"}
+
+
+@pytest.fixture(scope="module", params=sorted(PRESETS))
+def pod_run(request, endpoints):
+  """One runlocal experiment; (preset, workdir, base dir, judge and classifier request counts)."""
+  preset, urls = request.param, endpoints
+  workdir = urls["root"] / preset.replace(",", "_")
+  judge_url, classifier_url = scripted_server.reset(urls["judge_url"]), urls["classifier_url"]
+  classifier_seen = len(httpx.get(classifier_url.removesuffix("/v1") + "/requests", timeout=5).json())
+  scripted_server.inject(judge_url, "not_json", MALFORMED_REQUESTS)
+  command = [sys.executable, "-m", "safe_completion.main", f"--config=configs/experiment.py:{preset}",
+             f"--workdir={workdir}", f"--jax_cache_dir={urls['root'] / 'jax_cache'}",
+             f"--config.sft.init.hf_dir={urls['base_dir']}", f"--config.teacher.endpoint.base_url={urls['teacher_url']}",
+             f"--config.teacher.endpoint.model={TEACHER_MODEL}"]
+  for role in ("datagen.judge", "rl.grader", "eval.grader.helpfulness"):
+    command += [f"--config.{role}.endpoint.base_url={judge_url}", f"--config.{role}.endpoint.model={JUDGE}"]
+  command += ["--config.eval.grader.kind=gpt_oss_safeguard", "--config.eval.grader.helpfulness.kind=llm_judge",
+              f"--config.eval.grader.endpoint.base_url={classifier_url}",
+              f"--config.eval.grader.endpoint.model={SAFEGUARD}"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(command, cwd=scripted_server.REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-6000:]
+  judge_calls = scripted_server.stats(judge_url)["calls"]
+  classifier_requests = httpx.get(classifier_url.removesuffix("/v1") + "/requests", timeout=5).json()[classifier_seen:]
+  return preset, workdir, urls["base_dir"], judge_calls, classifier_requests
 
 
 def _mesh_shapes(checkpoint_dir):
@@ -152,7 +171,7 @@ def _mesh_shapes(checkpoint_dir):
 
 
 def test_every_stage_takes_the_pod_path(pod_run):
-  workdir, base_dir, judge_calls, classifier_requests, stdout = pod_run
+  preset, workdir, base_dir, judge_calls, classifier_requests = pod_run
   datagen_stats = read_json(workdir / "datagen" / "stats.json")
   for arm in ARMS:
     records = read_rows(workdir / "datagen" / arm / "records-00000.jsonl")
@@ -163,10 +182,13 @@ def test_every_stage_takes_the_pod_path(pod_run):
     sft_config = read_json(run_dir / "sft" / "config.json")
     assert sft_config["init"]["hf_dir"] == str(base_dir) and sft_config["optimizer"]["grad_accum_steps"] == 2
     model = read_json(run_dir / "sft" / "model_config.json")  # The HF base's shape, pod numerics.
-    assert (model["num_layers"], model["dtype"], model["param_dtype"]) == (BASE_LAYERS, "bfloat16", "float32")
+    assert (model["num_layers"], model["dtype"], model["param_dtype"]) == (BASE_LAYERS, "bfloat16", PRESETS[preset])
     assert model["remat_policy"] == read_json(run_dir / "rl" / "config.json")["model"]["remat_policy"] != "none"
     for stage in ("sft", "rl"):
       assert _mesh_shapes(run_dir / stage / "checkpoints") == {(1, 8, 1)}  # data=1, fsdp=8, tensor=1.
+      # LoRA runs record their adapters' rank and base; full fine-tuning none.
+      lora_path = run_dir / stage / checkpoint.LORA_FILE
+      assert lora_path.exists() == ("lora" in preset)
     rl_config = read_json(run_dir / "rl" / "config.json")
     assert rl_config["grader"]["kind"] == "llm_judge" and rl_config["grader"]["endpoint"]["model"] == JUDGE
     completions = read_rows(run_dir / "eval" / "completions.jsonl")
@@ -175,15 +197,13 @@ def test_every_stage_takes_the_pod_path(pod_run):
   assert judge_calls > MALFORMED_REQUESTS + SLOW_REQUESTS and classifier_requests
   assert {r["model"] for r in classifier_requests} == {SAFEGUARD}
   report = read_json(workdir / "experiment.json")
-  assert report["preset"] == "llama3_8b,runlocal" and not report["tiny"]
+  assert report["preset"] == preset and not report["tiny"]
   assert {f"{arm}/seed_0/export" for arm in ARMS} <= set(report["stage_times"])
   assert (workdir / "report" / "report.md").exists()
 
 
 def test_exported_arms_load_in_transformers_and_match_our_logits(pod_run):
-  from safe_completion import checkpoint
-  from safe_completion.models import transformer
-  workdir, base_dir, *_ = pod_run
+  _, workdir, base_dir, *_ = pod_run
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(base_dir))
   tokens = np.asarray([tokenizer("how do I stop a runaway process?")["input_ids"]], np.int32)
   with torch.no_grad():
