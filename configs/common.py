@@ -131,6 +131,16 @@ def wandb() -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(enabled=False, project="safe_completion", mode="offline", name=""))
 
 
+def policy_training(config: mlc.ConfigDict) -> mlc.ConfigDict:
+  """Adds the sections the policy trainers (SFT, RL) share: LoRA off, the default mesh, wandb off, and
+  checkpoints every step (the stage configs then space them to a quarter of num_steps)."""
+  config.lora = lora()
+  config.mesh = mesh()
+  config.checkpoint = checkpointing(every_steps=1)
+  config.wandb = wandb()
+  return config
+
+
 def endpoint() -> mlc.ConfigDict:
   """An OpenAI-compatible endpoint (vLLM, SGLang, a hosted API); the API key comes from the named env var."""
   return mlc.ConfigDict(dict(base_url="", model="", api_key_env="OPENAI_API_KEY", max_concurrency=8, cache_path=""))

@@ -88,12 +88,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.num_steps = 30
   config.optimizer = common.optimizer(3e-3, warmup_steps=2)
   config.optimizer.decay = "constant"
-  config.lora = common.lora()
-  config.mesh = common.mesh()
-  config.checkpoint = common.checkpointing(every_steps=1)
+  common.policy_training(config)
   config.sample_table_every = 1
   config.sample_table_rows = 8
-  config.wandb = common.wandb()
   common.override(config, {**PRESETS[name], **variant})
   if runlocal:
     common.override(config, RUNLOCAL)

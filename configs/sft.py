@@ -68,12 +68,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.batch_size = 8
   config.num_steps = 40
   config.optimizer = common.optimizer(3e-3, 4)
-  config.lora = common.lora()
-  config.mesh = common.mesh()
-  config.checkpoint = common.checkpointing(every_steps=1)
+  common.policy_training(config)
   config.log_every = 1
   config.eval_every = 1
-  config.wandb = common.wandb()
   config.export_hf_dir = ""  # Set to write the final model as an HF directory (for vLLM).
   config.export_architecture = "LlamaForCausalLM"
   common.override(config, {**PRESETS[name], **variant})
