@@ -170,7 +170,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.datagen.judge = learned_grader("reward")
 
   config.sft = sft.get_config("tiny")
-  config.sft.model.update(TINY_POLICY)  # The shape of a random init; the base's config.json wins.
+  # The shape of a random init; the base's config.json wins. A copy: the stage preset's model section is one
+  # shared ConfigDict (common.override assigns it), which update() would change for every later get_config.
+  config.sft.model = mlc.ConfigDict({**config.sft.model.to_dict(), **TINY_POLICY})
   config.sft.init.hf_dir = TINY_BASE_DIR
   config.sft.data.seq_len, config.sft.data.pack_dataset, config.sft.batch_size = 768, True, 6
   config.sft.num_steps = 160
