@@ -29,6 +29,7 @@ from safe_completion.rl import loop
 from safe_completion.rl import pg
 from tests.test_rl import micro_rl_config
 from tests.test_sft import micro_config
+from tests.test_sft_hf import write_tiny_llama
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0}
 
@@ -118,14 +119,8 @@ def _checkpointed_state_paths(workdir):
 
 
 def test_lora_sft_from_hf_exports_a_merged_model_matching_the_adapter_forward_pass(tmp_path):
-  tokenizer = transformers.AutoTokenizer.from_pretrained(str(sft_data.TOKENIZER_DIR))
-  hf_config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       max_position_embeddings=512, tie_word_embeddings=False)
-  torch.manual_seed(0)
   hf_dir, export_dir, workdir = tmp_path / "hf", tmp_path / "export", tmp_path / "sft"
-  transformers.LlamaForCausalLM(hf_config).save_pretrained(hf_dir)
-  tokenizer.save_pretrained(hf_dir)
+  tokenizer = write_tiny_llama(hf_dir)
 
   config = micro_config(num_steps=4, **LORA, **{"init.hf_dir": str(hf_dir), "export_hf_dir": str(export_dir)})
   final = sft.train(config, str(workdir))

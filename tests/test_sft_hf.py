@@ -13,15 +13,21 @@ from safe_completion.models import transformer
 from tests.test_sft import micro_config
 
 
-def test_sft_starts_from_an_hf_checkpoint_and_exports_one_transformers_loads(tmp_path):
+def write_tiny_llama(hf_dir) -> transformers.PreTrainedTokenizerBase:
+  """Saves a random 2-layer Llama (seed 0, untied embeddings) and the shipped tokenizer in `hf_dir`; returns it."""
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(sft_data.TOKENIZER_DIR))
   hf_config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=512, tie_word_embeddings=False)
   torch.manual_seed(0)
-  hf_dir, export_dir = tmp_path / "hf", tmp_path / "export"
   transformers.LlamaForCausalLM(hf_config).save_pretrained(hf_dir)
   tokenizer.save_pretrained(hf_dir)
+  return tokenizer
+
+
+def test_sft_starts_from_an_hf_checkpoint_and_exports_one_transformers_loads(tmp_path):
+  hf_dir, export_dir = tmp_path / "hf", tmp_path / "export"
+  tokenizer = write_tiny_llama(hf_dir)
 
   config = micro_config(num_steps=3, **{"init.hf_dir": str(hf_dir), "export_hf_dir": str(export_dir),
                                         "export_architecture": "LlamaForCausalLM"})
