@@ -1,5 +1,7 @@
 """Pieces shared by the stage configs: model presets, meshes, optimizer, checkpoints, logging."""
 
+import copy
+
 import ml_collections as mlc
 
 from safe_completion import parallel
@@ -99,7 +101,8 @@ def override(config: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
       node = node[name]
     if leaf not in node:
       raise KeyError(f"preset field {dotted!r} is not a field of the config")
-    node[leaf] = value
+    # A copy: a section shared by presets (a model dict) must not change when one built config is edited.
+    node[leaf] = copy.deepcopy(value)
   return config
 
 

@@ -89,3 +89,11 @@ def test_runlocal_of_a_real_preset_trains_on_cpu_and_logs_its_sharding_rules(tmp
   assert [tuple(tuple(a) if isinstance(a, list) else a for a in rule) for rule in logged["mesh"]["rules"]] == [
       tuple(rule) for rule in parallel.DEFAULT_RULES]
   assert len(metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))) == 4
+
+
+def test_editing_a_built_config_leaves_its_preset_alone():
+  built = sft.get_config("tiny")
+  built.model.hidden_size += 1
+  built.model.update({"num_layers": built.model.num_layers + 1})
+  fresh = sft.get_config("tiny")
+  assert (fresh.model.hidden_size, fresh.model.num_layers) == (built.model.hidden_size - 1, built.model.num_layers - 1)
