@@ -32,6 +32,12 @@ The eval grader must be another model than the RL reward grader. `<preset>,lora`
 and RL on a smaller slice (`REAL`). `configs/experiment.py:llama3_8b,runlocal`
 runs the same path on a CPU (tiny shapes, a few prompts and steps; still an HF start, bf16 compute with f32
 master weights, remat, gradient accumulation, the FSDP mesh, HTTP teacher and judges, HF export).
+
+Two OpenAI-compatible endpoints compared with one eval grader (`docs/compare.md`):
+  python -m safe_completion.main --config=configs/experiment.py:compare --workdir=/tmp/compare \
+    --config.models.a.endpoint.base_url=http://a:8000/v1 --config.models.a.endpoint.model=A \
+    --config.models.b.endpoint.base_url=http://b:8000/v1 --config.models.b.endpoint.model=B \
+    --config.eval.grader.endpoint.base_url=http://judge:8001/v1 --config.eval.grader.endpoint.model=JUDGE
 """
 
 import os
