@@ -78,13 +78,16 @@ def token_logprobs(params: Any, model_config: transformer.ModelConfig, batch: di
   """
   forward = lora.forward if isinstance(params, lora.LoraParams) else transformer.forward
   logits = forward(params, model_config, batch["tokens"], batch["positions"], batch["segment_ids"])
-  logits = logits[:, :-1].astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
   if temperature != 1.0:
     logits = logits / temperature
-  log_softmax = jax.nn.log_softmax(logits, axis=-1)
-  logprobs = jnp.take_along_axis(log_softmax, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(log_softmax) * log_softmax, axis=-1)
-  return logprobs, entropy
+  # logit[target] - logsumexp over all T positions, then the last dropped: slicing the [B, T, V] logits first
+  # costs a pad and a transposed copy of their gradient, and no [B, T, V] log-softmax is materialised.
+  targets = jnp.concatenate([batch["tokens"][:, 1:], batch["tokens"][:, :1]], axis=1)
+  normalizer = jax.nn.logsumexp(logits, axis=-1)
+  logprobs = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - normalizer
+  entropy = normalizer - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+  return logprobs[:, :-1], entropy[:, :-1]
 
 
 def model_params(state: State) -> Any:
