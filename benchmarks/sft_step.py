@@ -1,6 +1,6 @@
 """Tokens/s and MFU of our SFT train step against the same model's training step in PyTorch.
 
-  python benchmarks/sft_step.py [--batch=4] [--seq=512] [--steps=5] [--rounds=3] [--threads=2]
+  python benchmarks/sft_step.py [--batch=4] [--seq=512] [--steps=5] [--rounds=5] [--threads=2]
                                 [--xla_flags="..."] [--remat=none] [--skip_torch]
 
 Both sides train `configs/common.py` MODELS["small"] (d=512, 8 layers, 8 heads,
@@ -10,7 +10,9 @@ clipping, jitted with the state donated) on a one-device mesh; PyTorch is
 `LlamaForCausalLM` with `torch.optim.AdamW` and `clip_grad_norm_`. Rounds
 alternate the two (and an f32 matmul on each side, for the peak) so that load
 from other processes hits both alike; reported times are medians of all timed
-steps after warm-up.
+steps after warm-up; the ratios are also given per round (min-max over
+rounds), and the load average before and after says whether the machine was
+quiet (see benchmarks/README.md).
 
 FLOPs: 6 * N * tokens per step, N = the matmul params (every layer's
 projections plus the tied embedding used as the LM head; the embedding lookup
@@ -27,9 +29,9 @@ import sys
 import time
 
 # XLA reads its flags once, at backend start: they must be set before jax is imported.
-# YNNPACK for dots only: XLA's default also hands elementwise/reduce fusions to YNNPACK
-# (slow transposing fusions around the MLP and attention backward); dots-only cut the
-# step's CPU time by about 20% on a 2-core Zen 4.
+# YNNPACK for dots only, as `safe_completion/main.py` sets it: XLA's default also hands
+# elementwise/reduce fusions to YNNPACK (slow transposing fusions around the MLP and
+# attention backward); dots-only cut the step's CPU time by 20-25% on 2-core Zen 4 and Xeon.
 DEFAULT_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot"
 
 
@@ -38,7 +40,7 @@ def _parse_args() -> argparse.Namespace:
   parser.add_argument("--batch", type=int, default=4, help="sequences per step (both sides)")
   parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
-  parser.add_argument("--rounds", type=int, default=3, help="alternating jax/torch rounds")
+  parser.add_argument("--rounds", type=int, default=5, help="alternating jax/torch rounds")
   parser.add_argument("--threads", type=int, default=2, help="CPU threads for both sides")
   parser.add_argument("--xla_flags", default=DEFAULT_XLA_FLAGS, help="appended to $XLA_FLAGS")
   parser.add_argument("--remat", default="none", help="model.remat_policy of our step")
@@ -48,6 +50,7 @@ def _parse_args() -> argparse.Namespace:
 
 
 ARGS = _parse_args()
+LOAD_AT_START = os.getloadavg()[0]  # Before this process adds its own threads: other processes' load.
 if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
   sys.exit("sft_step: unset --xla_force_host_platform_device_count; the benchmark runs on the real CPU device")
 os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), ARGS.xla_flags) if f)
@@ -179,11 +182,18 @@ def main():
   runs = [("jax_mm", jax_mm, 5), ("ours", ours, ARGS.steps)]
   if theirs is not None:
     runs += [("torch_mm", torch_mm, 5), ("torch", theirs, ARGS.steps)]
+  load_before = LOAD_AT_START
+  per_round = []  # (tokens/s ratio, CPU-time ratio) of each round's medians.
   for _ in range(ARGS.rounds):
+    medians = {}
     for name, fn, repeats in runs:
       wall, cpu = timed(fn, repeats)
       times[name] += wall
       cpu_times[name] += cpu
+      medians[name] = (statistics.median(wall), statistics.median(cpu))
+    if theirs is not None:
+      per_round.append((medians["torch"][0] / medians["ours"][0], medians["torch"][1] / medians["ours"][1]))
+  load_after = os.getloadavg()[0]
   med = {k: statistics.median(v) for k, v in times.items() if v}
   cpu_med = {k: statistics.median(v) for k, v in cpu_times.items() if v}
   mm_flops = 2 * ARGS.matmul ** 3
@@ -192,6 +202,10 @@ def main():
   cpu_peak = max(mm_flops / cpu_med[k] for k in ("jax_mm", "torch_mm") if k in cpu_med)  # FLOP per CPU-s.
 
   print(f"device: {jax.devices()[0].device_kind}, {ARGS.threads} threads (torch), XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+  quiet = load_before < 0.3 and load_after < 0.3 + ARGS.threads  # The second counts this benchmark's threads.
+  print(f"load average (1 min) at start {load_before:.2f}, at end {load_after:.2f} (with this run's "
+        f"{ARGS.threads} threads): "
+        + ("quiet" if quiet else "NOT quiet, other processes ran; compare CPU-time ratios only"))
   print(f"model: small d={cfg.hidden_size} L={cfg.num_layers} H={cfg.num_heads} mlp={cfg.mlp_dim} V={cfg.vocab_size} "
         f"f32, remat={cfg.remat_policy}; {ours.num_params / 1e6:.2f}M params, {matmul_params / 1e6:.2f}M in matmuls "
         f"(embedding {embedding / 1e6:.2f}M as tied head); batch {ARGS.batch}x{ARGS.seq} = {tokens} tokens/step")
@@ -209,6 +223,9 @@ def main():
           f"{rows[name][1]:6.1f} GFLOP/s (6N) = {rows[name][1] / peak:.0%} MFU, "
           f"{rows[name][2]:6.1f} GFLOP/s with attention; {cpu_med[name]:.2f} CPU-s/step, "
           f"{tokens / cpu_med[name]:.0f} tok per CPU-s, CPU-time MFU {model_flops / cpu_med[name] / cpu_peak:.0%}")
+  if per_round:
+    spread = lambda i: f"{min(r[i] for r in per_round):.2f}-{max(r[i] for r in per_round):.2f}x"
+    print(f"per round (ours/torch, {len(per_round)} rounds): tokens/s {spread(0)}, tokens per CPU-s {spread(1)}")
   if "torch" in rows:
     print(f"CPU-time ratio (less sensitive to other processes' load): ours/torch tokens per CPU-s "
           f"{cpu_med['torch'] / cpu_med['ours']:.2f}x; matmul CPU-s jax {cpu_med['jax_mm']:.3f}, "
@@ -216,9 +233,12 @@ def main():
   summary = f"sft_step: ours {rows['ours'][0]:.0f} tok/s"
   if "torch" in rows:
     summary += f", torch {rows['torch'][0]:.0f} tok/s, ratio {rows['ours'][0] / rows['torch'][0]:.2f}x"
+  if per_round:
+    summary += f" (rounds {spread(0)}), CPU-time ratio {cpu_med['torch'] / cpu_med['ours']:.2f}x (rounds {spread(1)})"
   summary += f"; ours {rows['ours'][1]:.1f} GFLOP/s = {rows['ours'][1] / peak:.0%} of peak {peak:.1f} GFLOP/s"
   if "torch" in rows:
     summary += f" (torch {rows['torch'][1] / peak:.0%})"
+  summary += f"; load {load_before:.1f}/{load_after:.1f}"
   print(summary)
 
 
