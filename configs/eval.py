@@ -33,8 +33,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.stage = "eval"
   config.name = ""  # The arm or model name in the report; empty: the model id.
   config.seed = 0
+  # mesh: what a local model (checkpoint / hf) is sharded over: params over fsdp as the stage presets, batches over
+  # data x fsdp (model.batch_size a multiple of the device count); one device is today's unsharded run.
   config.model = mlc.ConfigDict(dict(kind="checkpoint", path="", max_prompt_len=512,
-                                     batch_size=32, endpoint=common.endpoint()))
+                                     batch_size=32, endpoint=common.endpoint(), mesh=common.mesh((1, -1, 1))))
   config.grader = mlc.ConfigDict(dict(kind="reward_model", reward_model_dir="",
                                       keyword="", saturation=4, endpoint=common.endpoint(),
                                       arm="safe_completion"))

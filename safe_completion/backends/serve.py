@@ -341,21 +341,39 @@ def is_loopback(host: str) -> bool:
 
 
 def load_local_backend(*, model_dir: str | None, checkpoint_dir: str | None, max_prompt_len: int,
-                       batch_size: int, model_id: str | None = None) -> base.Backend:
-  """A LocalBackend from an HF model directory or a training workdir (SFT/RL orbax checkpoints)."""
-  from safe_completion import checkpoint  # JAX and orbax: only when serving a model.
+                       batch_size: int, model_id: str | None = None, mesh: Any = None, rules: Any = None) -> base.Backend:
+  """A LocalBackend from an HF model directory or a training workdir (SFT/RL orbax checkpoints).
+
+  With a `mesh` (a `jax.sharding.Mesh`), params are placed on it by the logical `rules` (default
+  `parallel.DEFAULT_RULES`) as they load, and generation runs sharded; without one, on one device.
+  """
+  import jax  # JAX and orbax: only when serving a model.
+
+  from safe_completion import checkpoint
+  from safe_completion import parallel
   from safe_completion.backends import local
   from safe_completion.models import convert
+  from safe_completion.models import transformer
 
   if (model_dir is None) == (checkpoint_dir is None):
     raise ValueError("pass exactly one of --model_dir (HF safetensors) and --checkpoint_dir (a training workdir)")
+  rules = rules or parallel.DEFAULT_RULES
+  model_config = (convert.load_hf_config(model_dir) if model_dir is not None
+                  else checkpoint.read_model_config(checkpoint_dir))
+  shardings = None
+  if mesh is not None:
+    shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
+    shapes = jax.eval_shape(lambda rng: transformer.init_params(model_config, rng), jax.random.key(0))
+    parallel.check_divisible(shapes, shardings)  # An error naming the param, before anything loads.
   if model_dir is not None:
-    params, model_config = convert.load_hf_checkpoint(model_dir)
+    params = convert.load_hf_params(model_dir, model_config)
+    params = params if shardings is None else jax.device_put(params, shardings)
     tokenizer = convert.load_tokenizer(model_dir)
   else:
-    params, model_config, tokenizer = checkpoint.load_model(checkpoint_dir)
+    params, model_config, tokenizer = checkpoint.load_model(checkpoint_dir, shardings)
   name = model_id or os.path.basename(os.path.normpath(model_dir or checkpoint_dir))
-  return local.LocalBackend(params, model_config, tokenizer, max_prompt_len, model_id=name, batch_size=batch_size)
+  return local.LocalBackend(params, model_config, tokenizer, max_prompt_len, model_id=name, batch_size=batch_size,
+                            mesh=mesh, rules=rules)
 
 
 def api_key_from_flags(api_key_env: str | None, allow_no_auth: bool, host: str) -> str | None:

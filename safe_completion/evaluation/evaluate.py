@@ -36,11 +36,16 @@ def make_backend(model_config: ml_collections.ConfigDict) -> backends_base.Backe
     return http.HttpBackend(endpoint.base_url, endpoint.model, api_key_env=endpoint.api_key_env,
                             max_concurrency=endpoint.max_concurrency, cache_path=endpoint.cache_path or None)
   if model_config.kind in ("checkpoint", "hf"):
+    from safe_completion import parallel
     from safe_completion.backends import serve
+    # With a `mesh` section the params are sharded over it (a model too big for one device); without, one device.
+    sharded = "mesh" in model_config
     return serve.load_local_backend(
         model_dir=model_config.path if model_config.kind == "hf" else None,
         checkpoint_dir=model_config.path if model_config.kind == "checkpoint" else None,
-        max_prompt_len=model_config.max_prompt_len, batch_size=model_config.batch_size)
+        max_prompt_len=model_config.max_prompt_len, batch_size=model_config.batch_size,
+        mesh=parallel.mesh_from_config(model_config) if sharded else None,
+        rules=parallel.rules_from_config(model_config) if sharded else None)
   raise ValueError(f"model.kind={model_config.kind!r} is not one of ['checkpoint', 'hf', 'endpoint']")
 
 
