@@ -89,6 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.save_model_metadata(workdir, model_config, tokenizer, lora_config,
                                 {"hf_dir": config.init.hf_dir, "seed": config.seed})
   flops_per_token = flops.train_flops_per_token(model_config, config.data.seq_len)
+  peak_flops = flops.peak_flops(mesh.devices.flatten().tolist())
   writer = metric_writer.MetricsWriter(workdir, wandb_config=config.wandb, run_config=config.to_dict())
   last = {}
   with parallel.activation_sharding(mesh, rules):
@@ -105,7 +106,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   f"SFT loss {step_metrics['loss']} / gradient norm {step_metrics['grad_norm']}")
       tokens_per_second = int((host_batch["segment_ids"] > 0).sum()) / seconds
       last = {**step_metrics, "tokens_per_second": tokens_per_second, "step_seconds": seconds,
-              "mfu": flops.mfu(tokens_per_second * flops_per_token, mesh.devices.flatten().tolist())}
+              "mfu": tokens_per_second * flops_per_token / peak_flops}
       if (step + 1) % config.eval_every == 0 or step + 1 == num_steps:
         last["eval_loss"] = evaluate(eval_fn, training.model_params(state), dataset, mesh)
       if (step + 1) % config.log_every == 0 or step + 1 == num_steps or "eval_loss" in last:
