@@ -5,31 +5,8 @@ function `(config, workdir)` that a colab can call directly.
 """
 
 import importlib
-import importlib.metadata
-import os
 
-# XLA:CPU hands only dots to YNNPACK: by default it also takes elementwise and reduce fusions, which made the
-# SFT step 20-25% slower in CPU time on 2-core Zen 4 and Xeon hosts (benchmarks/README.md). XLA reads its
-# flags when the backend starts, so this precedes any computation; a user's own setting of the flag wins.
-# XLA aborts on a flag it does not know and the flag is experimental, so it is set only for the jaxlib
-# releases it was measured with.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot"
-CPU_XLA_FLAGS_JAXLIB = ("0.10.",)
-
-
-def _default_xla_flags() -> None:
-  try:
-    jaxlib_version = importlib.metadata.version("jaxlib")
-  except importlib.metadata.PackageNotFoundError:
-    return
-  if (jaxlib_version.startswith(CPU_XLA_FLAGS_JAXLIB)
-      and "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "")):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
-
-
-_default_xla_flags()
-
-import jax  # noqa: E402  (after XLA_FLAGS)
+import jax
 from absl import app
 from absl import flags
 from absl import logging
