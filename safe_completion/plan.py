@@ -346,37 +346,40 @@ def preset_name(config_arg: str) -> str:
   return arg or path.rsplit("/", 1)[-1].removesuffix(".py")
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/sft.py:llama3_8b.")
-_SFT_CONFIG = config_flags.DEFINE_config_file(
-    "sft_config", None, "RL only: the SFT config whose model RL starts from (when config.init.sft_workdir is empty).")
-_SLICE = flags.DEFINE_string("slice", None, f"TPU slice or GPU host {sorted(slices.SLICES)} "
-                             f"{sorted(slices.GPU_HOSTS)}: devices, HBM, mesh.")
-_MESH = flags.DEFINE_list("mesh", None, "Mesh shape data,fsdp,tensor (-1 = the rest); default: the slice's, "
-                          "else config.mesh.shape.")
-_DEVICES = flags.DEFINE_integer("devices", None, "Number of devices; default: the slice's.")
-_HBM = flags.DEFINE_float("hbm_gib", None, "HBM per device, GiB; default: the slice's or --device_kind's.")
-_DEVICE_KIND = flags.DEFINE_enum("device_kind", None, sorted(slices.DEVICE_HBM_GIB), "Device whose HBM to use.")
+def _define_flags() -> None:
+  """The CLI's flags, defined only when plan runs as a program: `main` imported beside it defines `config` too."""
+  config_flags.DEFINE_config_file("config", None, "Stage config, e.g. configs/sft.py:llama3_8b.")
+  config_flags.DEFINE_config_file(
+      "sft_config", None, "RL only: the SFT config whose model RL starts from (when config.init.sft_workdir is empty).")
+  flags.DEFINE_string("slice", None, f"TPU slice or GPU host {sorted(slices.SLICES)} "
+                      f"{sorted(slices.GPU_HOSTS)}: devices, HBM, mesh.")
+  flags.DEFINE_list("mesh", None, "Mesh shape data,fsdp,tensor (-1 = the rest); default: the slice's, "
+                    "else config.mesh.shape.")
+  flags.DEFINE_integer("devices", None, "Number of devices; default: the slice's.")
+  flags.DEFINE_float("hbm_gib", None, "HBM per device, GiB; default: the slice's or --device_kind's.")
+  flags.DEFINE_enum("device_kind", None, sorted(slices.DEVICE_HBM_GIB), "Device whose HBM to use.")
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  machine = slices.get_slice(_SLICE.value) if _SLICE.value else None
-  hbm = _HBM.value or (slices.DEVICE_HBM_GIB[_DEVICE_KIND.value] if _DEVICE_KIND.value else None)
+  f = flags.FLAGS
+  machine = slices.get_slice(f.slice) if f.slice else None
+  hbm = f.hbm_gib or (slices.DEVICE_HBM_GIB[f.device_kind] if f.device_kind else None)
   hbm = hbm or (machine.hbm_gib if machine else None)
-  devices = _DEVICES.value or (machine.devices if machine else None)
-  mesh = [int(s) for s in _MESH.value] if _MESH.value else machine.mesh if machine else _CONFIG.value.mesh.shape
+  devices = f.devices or (machine.devices if machine else None)
+  mesh = [int(s) for s in f.mesh] if f.mesh else machine.mesh if machine else f.config.mesh.shape
   missing = [name for name, value in {"--devices or --slice": devices,
                                       "--hbm_gib, --device_kind or --slice": hbm}.items() if value is None]
   if missing:
     raise app.UsageError(f"pass {', '.join(missing)}")
   try:
-    plan = plan_config(_CONFIG.value, mesh, devices, hbm, _SFT_CONFIG.value,
-                       name=preset_name(flags.FLAGS["config"].config_filename))
+    plan = plan_config(f.config, mesh, devices, hbm, f.sft_config, name=preset_name(f["config"].config_filename))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(format_plan(plan))
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

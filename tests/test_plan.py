@@ -169,3 +169,10 @@ def test_h100_host_plans_fsdp_over_its_8_gpus(stage):
   # Params are split 8 ways: the same bytes as planning the mesh directly.
   params = plan.param_stats(_model("llama3_8b"), plan.axis_sizes((1, -1, 1), 8))
   assert f"params                              {params.bytes_per_device / plan.GIB:.2f}" in text
+
+
+def test_plan_and_main_import_into_one_process():
+  # Both are programs with a `config` flag; plan defines its flags only when it runs as one.
+  result = subprocess.run([sys.executable, "-c", "import safe_completion.plan, safe_completion.main"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
