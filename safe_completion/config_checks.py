@@ -13,10 +13,11 @@ import ml_collections
 
 from safe_completion import lora
 from safe_completion import taxonomy
+from safe_completion.graders import factory
 
 # Section kinds that talk to an OpenAI-compatible endpoint: the HTTP teacher, an eval model behind an endpoint,
-# the LLM judge and the safety classifiers (graders.factory.SAFETY_KINDS).
-ENDPOINT_KINDS = ("http", "endpoint", "llm_judge", "gpt_oss_safeguard", "guideline_classifier", "llama_guard")
+# and the endpoint grader kinds.
+ENDPOINT_KINDS = ("http", "endpoint", *factory.ENDPOINT_KINDS)
 
 
 def _positive(value: Any) -> str | None:

@@ -23,7 +23,6 @@ from safe_completion.graders import factory
 
 SLOTS = ("a", "b")
 IDENTITY_FILE = "identity.json"
-_ENDPOINT_KINDS = ("llm_judge", *factory.SAFETY_KINDS)
 
 
 def model_names(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -47,7 +46,7 @@ def _check_grader(grader: ml_collections.ConfigDict, field: str) -> None:
                        "directory of a trained reward model (configs/reward_model.py)")
     if not os.path.isdir(grader.reward_model_dir):
       raise ValueError(f"config.{field}.reward_model_dir={grader.reward_model_dir!r} is not a directory")
-  if grader.kind in _ENDPOINT_KINDS:
+  if grader.kind in factory.ENDPOINT_KINDS:
     _check_endpoint(grader.endpoint, f"{field}.endpoint", f"grader kind {grader.kind!r}")
   if grader.kind in factory.SAFETY_KINDS:
     if not grader.helpfulness.kind or grader.helpfulness.kind in factory.SAFETY_KINDS:
@@ -102,7 +101,7 @@ def _describe_grader(grader: ml_collections.ConfigDict) -> str:
   parts = [f"kind {grader.kind}", f"policy {grader.get('arm', 'safe_completion')}"]
   if grader.kind == "reward_model":
     parts.append(f"directory {grader.reward_model_dir}")
-  if grader.kind in _ENDPOINT_KINDS:
+  if grader.kind in factory.ENDPOINT_KINDS:
     parts.append(f"model {grader.endpoint.model} at {grader.endpoint.base_url}")
   if grader.kind in factory.SAFETY_KINDS:
     parts.append(f"helpfulness from ({_describe_grader(grader.helpfulness)})")

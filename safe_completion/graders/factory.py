@@ -12,6 +12,8 @@ from safe_completion.graders import safety_only
 
 SAFETY_KINDS = ("gpt_oss_safeguard", "guideline_classifier", "llama_guard")
 GRADER_KINDS = ("reward_model", "llm_judge", "keyword", *SAFETY_KINDS)
+# Grader kinds that call an OpenAI-compatible endpoint (their config has an `endpoint` section).
+ENDPOINT_KINDS = ("llm_judge", *SAFETY_KINDS)
 
 
 def classifier_config() -> ml_collections.ConfigDict:
