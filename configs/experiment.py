@@ -199,15 +199,18 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   # Room for the demonstrations' reasoning + answer (up to ~370 tokens of the tiny tokenizer).
   config.rl.rl.max_new_tokens = 384
   config.rl.reward.truncation_penalty = 0.25
+  # Rollouts at the eval temperature, and the trainer's log-probs at the same one (rl/pg.py), so RL optimizes
+  # the tempered policy that eval samples. At 1.0 the tiny policy's noisy tail left a quarter of the
+  # rollouts unfinished (answer rate 0.75-0.79, eval after RL 0.82-0.83, SFT checkpoint at 0.7: 0.96-0.98).
+  config.rl.rl.temperature = 0.7
 
   config.eval = eval_config.get_config("tiny")
   config.eval.grader = learned_grader("eval")
   config.eval.grader_policy = "safe_completion"  # Both arms are judged by the output-centric policy.
   config.eval.sampling.max_tokens = 384
   config.eval.model.max_prompt_len = 320  # Attacked prompts reach ~300 tokens; 320 + 384 fits the base's 768.
-  # Below 1.0 for the eval samples of a tiny model, whose tail at temperature 1 is noise; RL rollouts
-  # stay at 1.0 so that sampler and trainer log-probs agree.
-  config.eval.sampling.temperature = 0.7
+  # Below 1.0 for the samples of a tiny model, whose tail at temperature 1 is noise (RL samples at it too).
+  config.eval.sampling.temperature = config.rl.rl.temperature
   config.eval.attacks.names = ("past_tense", "prefill", "base64")
   # The SFT checkpoint is evaluated too (one sample per eval prompt, no attacks): does the policy
   # answer in the modes of its SFT data?

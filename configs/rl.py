@@ -20,7 +20,9 @@ Defaults, and why:
   the k2 gradient, which is the unbiased gradient of KL(pi || ref) on on-policy samples; putting k3
   itself in the loss gives a biased gradient (see rl/pg.py).
 - aggregation="seq_mean_token_sum_norm" (Dr. GRPO's constant normalizer): no length bias.
-- temperature=1.0 and no top-k/top-p in rollouts, so sampler and trainer log-probs agree.
+- No top-k/top-p in rollouts, so sampler and trainer log-probs agree; the trainer divides its logits by
+  rl.temperature (1.0 here; the tiny experiment samples at 0.7, its eval temperature), so the policy
+  that RL optimizes is the tempered one that was sampled.
 - Groups whose rewards are all equal get exactly zero advantage, and an update whose minibatch has
   no nonzero advantage is skipped (`update_skipped` in the metrics): its gradient would be the KL
   term alone, rounding noise while the policy equals the reference, which Adam scales to lr-sized

@@ -12,6 +12,7 @@ from safe_completion import checkpoint
 from safe_completion import metrics
 from safe_completion import parallel
 from safe_completion import training
+from safe_completion.models import sampling
 from safe_completion.models import transformer
 from safe_completion.rl import loop
 from safe_completion.rl import pg
@@ -84,3 +85,22 @@ def test_sigkill_and_restart_matches_uninterrupted_run(tiny_sft_workdir, tmp_pat
   expected, _, _ = checkpoint.load_model(str(reference))
   actual, _, _ = checkpoint.load_model(str(resumed))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), expected, actual)
+
+
+def test_trainer_logprobs_at_the_rollout_temperature_equal_the_samplers(tiny_sft_workdir):
+  """RL samples below temperature 1 (the tiny experiment: 0.7); the trainer's log-probs of the same tokens,
+  at the same temperature, must be the sampler's, or the importance ratio is off from the first update."""
+  params, model_config, _ = checkpoint.load_model(tiny_sft_workdir)
+  rng = np.random.default_rng(1)
+  prompt_mask = (np.arange(6)[None, :] >= rng.integers(0, 4, (4, 1))).astype(np.int32)
+  prompt = np.where(prompt_mask == 1, rng.integers(10, 4000, (4, 6)), 0).astype(np.int32)
+  config = sampling.SamplingConfig(max_new_tokens=8, temperature=0.7)
+  rollout = sampling.sample(params, model_config, prompt, prompt_mask, jax.random.key(0), config)
+  batch = loop.train_batch(prompt, prompt_mask, np.asarray(rollout.tokens), np.asarray(rollout.lengths),
+                           np.asarray(rollout.finished), mask_truncated=False)
+  mask = batch["completion_mask"].astype(bool)
+  sampled = np.asarray(rollout.logprobs)
+  for temperature, agrees in ((0.7, True), (1.0, False)):
+    trainer = np.asarray(pg.rollout_logprobs(params, batch, model_config=model_config, temperature=temperature))
+    gap = np.abs(trainer[:, prompt.shape[1] - 1:][mask[:, prompt.shape[1] - 1:]] - sampled[sampled != 0])
+    assert (gap.max() < 1e-4) == agrees, (temperature, gap.max())
