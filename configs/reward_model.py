@@ -37,8 +37,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       max_train_rows=0))
   # Embedded texts, concatenated: "prompt", "response" (each alone) and/or "pair"
   # ("prompt [SEP] response"); separate texts do better (graders/reward_model.py). "category" adds
-  # a one-hot of the request's category.
+  # a one-hot of the request's category, "response_ngrams" hashed word 1-2-grams of the response.
   config.features = ("prompt", "response", "category")
+  config.ngram_buckets = 4096  # Width of the hashed response 1-2-grams ("response_ngrams" in features).
   config.max_len = 256
   config.prompt_budget = 64  # At most this many prompt tokens; the response gets the rest.
   config.normalize = True  # L2-normalize the pooled embedding.

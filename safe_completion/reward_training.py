@@ -105,7 +105,7 @@ def loss_fn(params: dict, batch: Any, targets: dict, *, config: ml_collections.C
   """Head loss on cached features (batch = array) or through the encoder (batch = tokens per part)."""
   if "encoder" in params:
     batch = jnp.concatenate([rm.embed_tokens(params["encoder"], encoder_config, batch[part], config.normalize)
-                             for part in config.features if part in rm.TEXT_PARTS] + [batch["category"]], axis=-1)
+                             for part in config.features if part in rm.TEXT_PARTS] + [batch["side"]], axis=-1)
   return head_loss(params["heads"], batch, targets, dict(config.loss_weights))
 
 
@@ -141,7 +141,7 @@ def fit(config: ml_collections.ConfigDict, rows: Sequence[labeled.LabeledRespons
   """Trains (or resumes from `ckpt`) the heads, and the encoder when `finetune_encoder`, on `rows` under
   `config.policy`'s labels; returns (params, loss of each step this call ran)."""
   pairs, targets = [(r.prompt, r.response) for r in rows], rm.targets_of(rows, config.policy)
-  categories = rm.category_features([r.category for r in rows], config.features)
+  side = rm.side_features(pairs, [r.category for r in rows], config)
   n = len(pairs)
   if config.finetune_encoder:
     inputs = {part: rm.tokenize_pairs(tokenizer, pairs, part, config.max_len, config.prompt_budget)
@@ -150,11 +150,11 @@ def fit(config: ml_collections.ConfigDict, rows: Sequence[labeled.LabeledRespons
     inputs = np.concatenate([rm.embed_texts(
         encoder_params, encoder_config, tokenizer, pairs, features=config.features, max_len=config.max_len,
         prompt_budget=config.prompt_budget, normalize=config.normalize, batch_size=config.embed_batch_size,
-        cache=True), categories], axis=1)
+        cache=True), side], axis=1)
   batch_size = min(config.batch_size or n, n)
   optimizer, schedule = make_optimizer(config)
   state, start_step = create_state(config, optimizer, encoder_params,
-                                   rm.feature_dim(config.features, encoder_config.hidden_size), ckpt)
+                                   rm.feature_dim(config, encoder_config.hidden_size), ckpt)
   loss = functools.partial(loss_fn, config=config, encoder_config=encoder_config)
   step_fn = jax.jit(functools.partial(train_step, optimizer=optimizer, schedule=schedule, loss=loss),
                     donate_argnums=0)
@@ -164,7 +164,7 @@ def fit(config: ml_collections.ConfigDict, rows: Sequence[labeled.LabeledRespons
     index = np.take(order, np.arange(start, start + batch_size), mode="wrap")
     if config.finetune_encoder:
       batch = {part: rm.pad_batch([tokens[i] for i in index], batch_size) for part, tokens in inputs.items()}
-      batch["category"] = categories[index]
+      batch["side"] = side[index]
     else:
       batch = inputs[index]
     state, step_metrics = step_fn(state, batch, {k: v[index] for k, v in targets.items()})

@@ -24,6 +24,9 @@ import functools
 import hashlib
 import json
 import os
+import pickle
+import re
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,8 +57,10 @@ HEAD_SIZES = {"safety": 1, "severity": len(taxonomy.SEVERITIES), "mode": len(tax
 UNSAFE_BELOW = 0.5
 _LENGTH_BUCKET = 32
 TEXT_PARTS = ("pair", "prompt", "response")
-# "category": a one-hot of the request's category (the spec that applies), beside the text embeddings.
-FEATURE_PARTS = TEXT_PARTS + ("category",)
+# Beside the text embeddings: "category", a one-hot of the request's category (the spec that applies);
+# "response_ngrams", hashed word 1-2-grams of the response (`ngram_features`).
+FEATURE_PARTS = TEXT_PARTS + ("category", "response_ngrams")
+_WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 
 
 # ----------------------------------------------------------------------------- text -> tokens -> embeddings
@@ -158,17 +163,62 @@ def embed_texts(encoder_params: Any, encoder_config: encoder_lib.EncoderConfig, 
   return out.reshape(len(pairs), -1)
 
 
-def category_features(categories: Sequence[str], features: Sequence[str]) -> np.ndarray:
-  """One-hot [N, len(CATEGORIES)] of the categories when "category" is a feature part, else [N, 0]."""
-  if "category" not in features:
-    return np.zeros((len(categories), 0), np.float32)
-  codes = [taxonomy.index(taxonomy.CATEGORIES, c, "category") for c in categories]
-  return np.eye(len(taxonomy.CATEGORIES), dtype=np.float32)[codes]
+def ngram_features(texts: Sequence[str], buckets: int) -> np.ndarray:
+  """Hashed word 1-2-grams [N, buckets] of lower-cased texts: log(1 + count), L2-normalized.
+
+  Why: a mean-pooled sentence embedding of a short response encodes its topic more than its stance;
+  the words that carry the stance ("can't help", "step 1", "[REDACTED") are explicit here. Words
+  and punctuation marks are tokens; crc32 buckets, so the features are the same in every process.
+  """
+  out = np.zeros((len(texts), buckets), np.float32)
+  for i, text in enumerate(texts):
+    words = _WORD.findall(text.lower())
+    for gram in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
+      out[i, zlib.crc32(gram.encode()) % buckets] += 1.0
+  out = np.log1p(out)
+  return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-def feature_dim(features: Sequence[str], hidden_size: int) -> int:
-  return sum(hidden_size for part in features if part in TEXT_PARTS) + (
-      len(taxonomy.CATEGORIES) if "category" in features else 0)
+def side_features(pairs: Sequence[tuple[str, str]], categories: Sequence[str],
+                  config: ml_collections.ConfigDict) -> np.ndarray:
+  """The non-embedding features [N, side dim] of `config.features`: category one-hot, response n-grams."""
+  out = [np.zeros((len(pairs), 0), np.float32)]
+  if "category" in config.features:
+    codes = [taxonomy.index(taxonomy.CATEGORIES, c, "category") for c in categories]
+    out.append(np.eye(len(taxonomy.CATEGORIES), dtype=np.float32)[codes])
+  if "response_ngrams" in config.features:
+    out.append(ngram_features([response for _, response in pairs], config.ngram_buckets))
+  return np.concatenate(out, axis=1)
+
+
+def feature_dim(config: ml_collections.ConfigDict, hidden_size: int) -> int:
+  """Width of the heads' input: the text embeddings, then the side features."""
+  features = config.features
+  return (sum(hidden_size for part in features if part in TEXT_PARTS)
+          + (len(taxonomy.CATEGORIES) if "category" in features else 0)
+          + (config.ngram_buckets if "response_ngrams" in features else 0))
+
+
+def save_embedding_cache(path: str, encoder_params: Any, encoder_dir: str) -> None:
+  """Writes the cached embeddings of `encoder_params` (loaded from `encoder_dir`) to `path`, so a later
+  process (`load_embedding_cache`) skips the encoder for the texts it has seen (cross-validation runs)."""
+  entries = {key[1:]: vector for key, vector in _EMBEDDING_CACHE.items() if key[0] == id(encoder_params)}
+  with open(path, "wb") as f:
+    pickle.dump(dict(encoder_dir=encoder_dir, entries=entries), f)
+
+
+def load_embedding_cache(path: str, encoder_params: Any, encoder_dir: str) -> int:
+  """Adds the embeddings `save_embedding_cache` wrote for `encoder_dir` to this process's cache for
+  `encoder_params`; returns how many (0 when `path` is missing). Another encoder's file is an error."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    saved = pickle.load(f)
+  if saved["encoder_dir"] != encoder_dir:
+    raise ValueError(f"{path}: embeddings of encoder {saved['encoder_dir']!r}, not of {encoder_dir!r}")
+  _CACHED_ENCODERS[id(encoder_params)] = encoder_params
+  _EMBEDDING_CACHE.update({(id(encoder_params), *key): vector for key, vector in saved["entries"].items()})
+  return len(saved["entries"])
 
 
 # ----------------------------------------------------------------------------- heads
@@ -290,7 +340,7 @@ class RewardModelGrader:
     """The reward model a `reward_training.train` run wrote into `workdir` (latest checkpoint's params)."""
     config = read_config(workdir)
     encoder_params, encoder_config = load_encoder(config.encoder_dir or encoder_lib.DEFAULT_ENCODER_DIR)
-    input_dim = feature_dim(config.features, encoder_config.hidden_size)
+    input_dim = feature_dim(config, encoder_config.hidden_size)
     abstract = {"heads": jax.eval_shape(lambda rng: init_heads(rng, input_dim, config.hidden_dim), jax.random.key(0))}
     if config.finetune_encoder:
       abstract["encoder"] = encoder_params
@@ -304,7 +354,7 @@ class RewardModelGrader:
                        features=self.config.features, max_len=self.config.max_len,
                        prompt_budget=self.config.prompt_budget, normalize=self.config.normalize,
                        batch_size=self.config.embed_batch_size, cache=not self.config.finetune_encoder)
-    return np.concatenate([text, category_features(categories, self.config.features)], axis=1)
+    return np.concatenate([text, side_features(pairs, categories, self.config)], axis=1)
 
   def score_pairs(self, pairs: Sequence[tuple[str, str]], categories: Sequence[str]) -> dict[str, np.ndarray]:
     """`score` outputs for (prompt, response) pairs of the given categories, as numpy arrays."""
@@ -355,6 +405,8 @@ def template_hash(config: ml_collections.ConfigDict) -> str:
   spec = dict(policy=config.get("policy", "safe_completion"), heads=HEAD_SIZES, hidden_dim=config.hidden_dim, normalize=config.normalize,
               features=list(config.features), max_len=config.max_len, prompt_budget=config.prompt_budget,
               severities=taxonomy.SEVERITIES, modes=taxonomy.MODES, ratings=RATINGS)
+  if "response_ngrams" in config.features:
+    spec["ngram_buckets"] = config.ngram_buckets
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
