@@ -39,7 +39,8 @@ MODELS = {
 
 # TPU presets train in bfloat16 with float32 master weights and remat.
 TPU_NUMERICS = dict(dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")
-CPU_NUMERICS = dict(dtype="float32", param_dtype="float32", remat_policy="none")
+# transposed_weight_grads: XLA:CPU runs the projections' weight gradients in YNNPACK (models/transformer.py).
+CPU_NUMERICS = dict(dtype="float32", param_dtype="float32", remat_policy="none", transposed_weight_grads=True)
 
 
 # What `runlocal` keeps of a real model: its family's switches (activation, norms, RoPE, tying), on tiny sizes

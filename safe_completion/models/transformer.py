@@ -73,6 +73,9 @@ class ModelConfig:
   remat_policy: str = "none"
   scan_unroll: int = 1  # Layers per iteration of the layer scan; num_layers unrolls it (fast CPU decode).
   attention_block: int = 128  # Query rows per block of uncached attention (causal blocks skip later keys); 0: one.
+  # Projection weight gradients as x^T @ dy with x^T materialised (`project`): XLA:CPU's YNNPACK runs that
+  # layout; left alone, XLA picks one it hands to Eigen at half the speed. CPU presets set it.
+  transposed_weight_grads: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -230,6 +233,48 @@ def _attention_bwd(softcap, causal_block, residuals, grad_out):
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+_DOT_GENERAL_CODE = jax.lax.dot_general.__code__  # qwix (LoRA) swaps it while it intercepts a model call.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x: Array, kernel: Array, contract_dims: int = 1) -> Array:
+  """x @ kernel over x's last `contract_dims` axes, the same dot as `Dense`'s; only its gradient differs.
+
+  The weight gradient contracts the token axes, the leading ones of x and dy. XLA:CPU lays that dot out
+  as x^T dy with x in place (contracting dim 0), which YNNPACK does not take, so Eigen runs it at about
+  half the speed; here the narrower of x and dy is transposed first (an optimization barrier keeps XLA
+  from folding the transpose back into the dot), a copy that costs far less than the dot saves.
+  """
+  return _dot(x, kernel, contract_dims)
+
+
+def _dot(x, kernel, contract_dims):
+  contract = (tuple(range(x.ndim - contract_dims, x.ndim)), tuple(range(contract_dims)))
+  return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+
+
+def _project_fwd(x, kernel, contract_dims):
+  return _dot(x, kernel, contract_dims), (x, kernel)
+
+
+def _project_bwd(contract_dims, residuals, grad):
+  x, kernel = residuals
+  inputs = math.prod(kernel.shape[:contract_dims])
+  x2 = x.reshape(-1, inputs)
+  grad2 = grad.reshape(x2.shape[0], -1)
+  kernel2 = kernel.reshape(inputs, -1)
+  dx = jax.lax.dot_general(grad2, kernel2, (((1,), (1,)), ((), ())))
+  if x2.shape[1] <= grad2.shape[1]:
+    dkernel = jax.lax.dot_general(jax.lax.optimization_barrier(x2.T), grad2, (((1,), (0,)), ((), ())))
+  else:  # Transposing dy and then the (small) result moves less memory than transposing a wide x.
+    dkernel_t = jax.lax.dot_general(jax.lax.optimization_barrier(grad2.T), x2, (((1,), (0,)), ((), ())))
+    dkernel = jax.lax.optimization_barrier(dkernel_t).T  # Else XLA folds this transpose into the dot too.
+  return dx.reshape(x.shape).astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Dense(nn.Module):
   """x @ kernel over the last `contract_dims` axes of x, with named kernel axes.
 
@@ -249,8 +294,11 @@ class Dense(nn.Module):
     in_shape = x.shape[-self.contract_dims:]
     kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.logical_axes),
                         in_shape + self.features, cfg.weight_dtype)
-    contract = (tuple(range(x.ndim - self.contract_dims, x.ndim)), tuple(range(self.contract_dims)))
-    y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), (contract, ((), ())))
+    x, kernel = x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype)
+    if cfg.transposed_weight_grads and jax.lax.dot_general.__code__ is _DOT_GENERAL_CODE:
+      y = project(x, kernel, self.contract_dims)
+    else:  # An interceptor (qwix LoRA) must see its dot_general called on the kernel param itself.
+      y = _dot(x, kernel, self.contract_dims)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                              self.logical_axes[-len(self.features):]),
