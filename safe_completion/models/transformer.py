@@ -210,7 +210,12 @@ def _attention_bwd(softcap, causal_block, residuals, grad_out):
   # d softmax: p * (dp - sum(p * dp)), and sum(p * dp) = sum(out * grad_out) over the head dim.
   delta = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   dq_blocks = []
-  dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  # dk and dv contract the query rows: accumulated as [B, Hkv, D, S] from the small transposed q / grad_out
+  # block, so no [T, S] block of dscores or probs is transposed (XLA:CPU would copy each one).
+  batch, kv_heads, groups, _, dim = qt.shape
+  dk_t, dv_t = (jnp.zeros((batch, kv_heads, dim, k.shape[2]), jnp.float32) for _ in range(2))
+  rows_t = lambda x: jax.lax.optimization_barrier(
+      x.transpose(0, 1, 4, 2, 3).reshape(batch, kv_heads, dim, -1))  # [B, Hkv, D, G * rows]
   for lo, hi, end in _query_blocks(qt.shape[3], k.shape[2], causal_block):
     block_mask = mask[:, lo:hi, :end]
     capped, scores = _attention_scores(qt[:, :, :, lo:hi], k[:, :, :end], block_mask, softcap)
@@ -222,11 +227,13 @@ def _attention_bwd(softcap, causal_block, residuals, grad_out):
       dscores = dscores * (1.0 - jnp.square(capped / softcap))
     dscores = dscores.astype(qt.dtype)
     dq_blocks.append(jnp.einsum("bkgts,bksd->bkgtd", dscores, k[:, :, :end], preferred_element_type=jnp.float32))
-    dk = dk.at[:, :, :end].add(jnp.einsum("bkgts,bkgtd->bksd", dscores, qt[:, :, :, lo:hi],
-                                          preferred_element_type=jnp.float32))
-    dv = dv.at[:, :, :end].add(jnp.einsum("bkgts,bkgtd->bksd", probs.astype(v.dtype), grad_out[:, :, :, lo:hi],
-                                          preferred_element_type=jnp.float32))
+    flat = lambda x: x.reshape(batch, kv_heads, groups * (hi - lo), end)  # [B, Hkv, G * rows, keys]
+    dk_t = dk_t.at[..., :end].add(jnp.einsum("bkdt,bkts->bkds", rows_t(qt[:, :, :, lo:hi]), flat(dscores),
+                                             preferred_element_type=jnp.float32))
+    dv_t = dv_t.at[..., :end].add(jnp.einsum("bkdt,bkts->bkds", rows_t(grad_out[:, :, :, lo:hi]),
+                                             flat(probs.astype(v.dtype)), preferred_element_type=jnp.float32))
   dq = jnp.concatenate(dq_blocks, axis=3).transpose(0, 3, 1, 2, 4)
+  dk, dv = (jax.lax.optimization_barrier(x).transpose(0, 1, 3, 2) for x in (dk_t, dv_t))
   return dq.astype(qt.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
