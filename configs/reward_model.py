@@ -33,13 +33,15 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       sources=("templated", "handwritten"),  # data/grades train split; data/grader_data/train.
       handwritten_dir="",  # Empty: data/grader_data/train.
       half=-1,  # 0 or 1: a disjoint half of the training prompts (two graders on disjoint data).
+      handwritten_weight=1.0,  # Loss weight of a hand-written row (a templated row: 1).
       independent_heldout_dir="",  # Empty: data/grader_data/heldout; "none" skips that report.
       max_train_rows=0))
   # Embedded texts, concatenated: "prompt", "response" (each alone) and/or "pair"
   # ("prompt [SEP] response"); separate texts do better (graders/reward_model.py). "category" adds
-  # a one-hot of the request's category, "response_ngrams" hashed word 1-2-grams of the response.
+  # a one-hot of the request's category; "response_ngrams" / "prompt_ngrams" hashed word 1-2-grams
+  # of the response / prompt.
   config.features = ("prompt", "response", "category")
-  config.ngram_buckets = 4096  # Width of the hashed response 1-2-grams ("response_ngrams" in features).
+  config.ngram_buckets = 4096  # Width of each hashed 1-2-gram part (*_ngrams in features).
   config.max_len = 256
   config.prompt_budget = 64  # At most this many prompt tokens; the response gets the rest.
   config.normalize = True  # L2-normalize the pooled embedding.

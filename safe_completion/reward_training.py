@@ -92,12 +92,23 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
 
 
 def head_loss(params: dict, embeddings: jax.Array, targets: dict, weights: dict) -> tuple[jax.Array, dict]:
-  """Weighted sum of safety BCE (soft targets) and the three cross-entropies; per-head terms as aux."""
+  """Weighted sum of safety BCE (soft targets) and the three cross-entropies, each a mean over rows
+  weighted by `targets["row_weight"]`; per-head terms as aux."""
   logits = rm.head_logits(params, embeddings)
-  terms = {"safety": optax.sigmoid_binary_cross_entropy(logits["safety"], targets["safety"]).mean()}
+  row_weight = targets["row_weight"] / targets["row_weight"].sum()
+  terms = {"safety": optax.sigmoid_binary_cross_entropy(logits["safety"], targets["safety"]) @ row_weight}
   for name in ("severity", "mode", "helpfulness"):
-    terms[name] = optax.softmax_cross_entropy_with_integer_labels(logits[name], targets[name]).mean()
+    terms[name] = optax.softmax_cross_entropy_with_integer_labels(logits[name], targets[name]) @ row_weight
   return sum(weights[k] * v for k, v in terms.items()), terms
+
+
+def row_weights(rows: Sequence[labeled.LabeledResponse], config: ml_collections.ConfigDict) -> np.ndarray:
+  """Loss weight of each row: `data.handwritten_weight` for hand-written rows (closer to real responses
+  than the templated ones, and fewer), 1 for the others."""
+  weight = config.data.get("handwritten_weight", 1.0)
+  if weight <= 0:
+    raise ValueError(f"data.handwritten_weight: {weight!r} is not positive")
+  return np.asarray([weight if r.source.startswith("handwritten") else 1.0 for r in rows], np.float32)
 
 
 def loss_fn(params: dict, batch: Any, targets: dict, *, config: ml_collections.ConfigDict,
@@ -141,6 +152,7 @@ def fit(config: ml_collections.ConfigDict, rows: Sequence[labeled.LabeledRespons
   """Trains (or resumes from `ckpt`) the heads, and the encoder when `finetune_encoder`, on `rows` under
   `config.policy`'s labels; returns (params, loss of each step this call ran)."""
   pairs, targets = [(r.prompt, r.response) for r in rows], rm.targets_of(rows, config.policy)
+  targets["row_weight"] = row_weights(rows, config)
   side = rm.side_features(pairs, [r.category for r in rows], config)
   n = len(pairs)
   if config.finetune_encoder:

@@ -310,6 +310,8 @@ def test_saved_grader_with_ngram_features_loads_and_scores_identically(encoder_a
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
   assert reloaded.template_hash != rm.template_hash(_config(features=features, ngram_buckets=128))
+  with pytest.raises(ValueError, match="features: 'response_ngram' is not one of"):
+    rm.feature_dim(_config(features=("prompt", "response_ngram")), encoder_config.hidden_size)
   # The n-grams are used: only the n-gram part of the input differs, and the scores move.
   embedded = reloaded.embed(*pairs)
   swapped = embedded.copy()
@@ -333,3 +335,27 @@ def test_embedding_cache_file_round_trip(encoder_and_tokenizer, tmp_path):
   assert rm.load_embedding_cache(str(tmp_path / "missing.pkl"), zeroed, "dir_a") == 0
   with pytest.raises(ValueError, match="embeddings of encoder 'dir_a', not of 'dir_b'"):
     rm.load_embedding_cache(path, zeroed, "dir_b")
+
+
+def test_row_weight_equals_repeating_the_row():
+  rng = np.random.default_rng(0)
+  heads = rm.init_heads(jax.random.key(1), 6, 4)
+  x = rng.normal(size=(3, 6)).astype(np.float32)
+  targets = dict(safety=np.array([1.0, 0.0, 0.4], np.float32), severity=np.array([0, 4, 2]),
+                 mode=np.array([0, 0, 2]), helpfulness=np.array([3, 3, 0]))
+  weights = dict(safety=1.0, severity=0.5, mode=1.0, helpfulness=2.0)
+  weighted, _ = reward_training.head_loss(heads, x, {**targets, "row_weight": np.array([1.0, 2.0, 1.0])}, weights)
+  repeat = np.array([0, 1, 1, 2])
+  repeated, _ = reward_training.head_loss(heads, x[repeat], {**{k: v[repeat] for k, v in targets.items()},
+                                                             "row_weight": np.ones(4)}, weights)
+  np.testing.assert_allclose(weighted, repeated, rtol=1e-6)
+  uniform, _ = reward_training.head_loss(heads, x, {**targets, "row_weight": np.ones(3)}, weights)
+  assert abs(float(uniform) - float(weighted)) > 1e-4
+  rows = reward_training.load_rows(_config())[0]
+  config = _config()
+  config.data.handwritten_weight = 3.0
+  w = reward_training.row_weights(rows, config)
+  assert set(w[[r.source.startswith("handwritten") for r in rows]]) == {3.0} and set(w) == {1.0, 3.0}
+  config.data.handwritten_weight = 0.0
+  with pytest.raises(ValueError, match="data.handwritten_weight: 0.0"):
+    reward_training.row_weights(rows, config)

@@ -58,8 +58,9 @@ UNSAFE_BELOW = 0.5
 _LENGTH_BUCKET = 32
 TEXT_PARTS = ("pair", "prompt", "response")
 # Beside the text embeddings: "category", a one-hot of the request's category (the spec that applies);
-# "response_ngrams", hashed word 1-2-grams of the response (`ngram_features`).
-FEATURE_PARTS = TEXT_PARTS + ("category", "response_ngrams")
+# "response_ngrams" / "prompt_ngrams", hashed word 1-2-grams of the response / prompt (`ngram_features`).
+NGRAM_PARTS = ("prompt_ngrams", "response_ngrams")
+FEATURE_PARTS = TEXT_PARTS + ("category",) + NGRAM_PARTS
 _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 
 
@@ -181,22 +182,26 @@ def ngram_features(texts: Sequence[str], buckets: int) -> np.ndarray:
 
 def side_features(pairs: Sequence[tuple[str, str]], categories: Sequence[str],
                   config: ml_collections.ConfigDict) -> np.ndarray:
-  """The non-embedding features [N, side dim] of `config.features`: category one-hot, response n-grams."""
+  """The non-embedding features [N, side dim] of `config.features`: category one-hot, then n-grams."""
   out = [np.zeros((len(pairs), 0), np.float32)]
   if "category" in config.features:
     codes = [taxonomy.index(taxonomy.CATEGORIES, c, "category") for c in categories]
     out.append(np.eye(len(taxonomy.CATEGORIES), dtype=np.float32)[codes])
-  if "response_ngrams" in config.features:
-    out.append(ngram_features([response for _, response in pairs], config.ngram_buckets))
+  for j, part in enumerate(NGRAM_PARTS):
+    if part in config.features:
+      out.append(ngram_features([pair[j] for pair in pairs], config.ngram_buckets))
   return np.concatenate(out, axis=1)
 
 
 def feature_dim(config: ml_collections.ConfigDict, hidden_size: int) -> int:
-  """Width of the heads' input: the text embeddings, then the side features."""
+  """Width of the heads' input: the text embeddings, then the side features; an unknown part is an error."""
   features = config.features
+  for part in features:
+    if part not in FEATURE_PARTS:
+      raise ValueError(f"features: {part!r} is not one of {list(FEATURE_PARTS)}")
   return (sum(hidden_size for part in features if part in TEXT_PARTS)
           + (len(taxonomy.CATEGORIES) if "category" in features else 0)
-          + (config.ngram_buckets if "response_ngrams" in features else 0))
+          + config.get("ngram_buckets", 0) * sum(part in features for part in NGRAM_PARTS))
 
 
 def save_embedding_cache(path: str, encoder_params: Any, encoder_dir: str) -> None:
@@ -405,7 +410,7 @@ def template_hash(config: ml_collections.ConfigDict) -> str:
   spec = dict(policy=config.get("policy", "safe_completion"), heads=HEAD_SIZES, hidden_dim=config.hidden_dim, normalize=config.normalize,
               features=list(config.features), max_len=config.max_len, prompt_budget=config.prompt_budget,
               severities=taxonomy.SEVERITIES, modes=taxonomy.MODES, ratings=RATINGS)
-  if "response_ngrams" in config.features:
+  if any(part in config.features for part in NGRAM_PARTS):
     spec["ngram_buckets"] = config.ngram_buckets
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
