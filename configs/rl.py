@@ -28,9 +28,11 @@ Defaults, and why:
   term alone, rounding noise while the policy equals the reference, which Adam scales to lr-sized
   steps. `zero_variance_groups` says how often groups carry no signal.
 - Truncated rollouts are penalised, not masked: reward.truncation_penalty (0.25 in the tiny
-  experiment) is subtracted from the reward of a rollout that hit max_new_tokens, so running out of
-  budget always pays less than any finished answer (r = h x s >= 0). A truncated rollout's answer is
-  what the grader grades; if it stopped inside its reasoning block it has no answer at all. Masking
+  experiment) is subtracted from the reward of a rollout that reached no final answer (it hit
+  max_new_tokens, or ended without closing its reasoning block or with an empty answer), so not
+  answering always pays less than any finished answer (r = h x s >= 0). A truncated rollout's partial
+  answer is what the grader grades; an empty answer gets h = 0 whatever the grader says of it
+  (rewards.empty_answers_help_nobody). Masking
   (rl.mask_truncated=True) would instead drop those tokens from the loss, which leaves the policy no
   signal to finish; use it when budgets are generous and truncation is rare noise.
 """

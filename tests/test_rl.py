@@ -12,10 +12,13 @@ from safe_completion import checkpoint
 from safe_completion import metrics
 from safe_completion import parallel
 from safe_completion import training
+from safe_completion.data import chat
+from safe_completion.graders import base as graders_base
 from safe_completion.models import sampling
 from safe_completion.models import transformer
 from safe_completion.rl import loop
 from safe_completion.rl import pg
+from safe_completion.rl import rewards as rewards_lib
 from tests import processes
 
 KEYWORD_FLAGS = {"grader.kind": "keyword", "grader.keyword": "the", "optimizer.learning_rate": 1e-2,
@@ -104,3 +107,17 @@ def test_trainer_logprobs_at_the_rollout_temperature_equal_the_samplers(tiny_sft
     trainer = np.asarray(pg.rollout_logprobs(params, batch, model_config=model_config, temperature=temperature))
     gap = np.abs(trainer[:, prompt.shape[1] - 1:][mask[:, prompt.shape[1] - 1:]] - sampled[sampled != 0])
     assert (gap.max() < 1e-4) == agrees, (temperature, gap.max())
+
+
+def test_every_rollout_without_a_final_answer_pays_the_truncation_penalty():
+  """Hit the budget mid-answer, ended inside its reasoning, ended on an empty answer: none reached an
+  answer. The partial answer is graded less the penalty; the other two have no answer at all (h = 0)."""
+  grade = graders_base.Grade.from_scores(safety=1.0, severity="none", mode="direct", helpfulness_rating=4,
+                                         kind="direct", grader="test", judge_model="", template_hash="")
+  texts = ["<think>\nok\n</think>\n\nAn answer.", "<think>\nok\n</think>\n\nA partial ans",
+           "<think>\nstill thinking", "<think>\nok\n</think>\n\n"]
+  answers = [chat.split_reasoning(t)[1] for t in texts]
+  arrays, answered = loop.reward_grades([grade] * 4, texts, answers, np.array([True, False, True, True]))
+  np.testing.assert_array_equal(answered, [True, False, False, False])
+  got, _ = rewards_lib.combine_rewards(arrays, rewards_lib.RewardConfig(truncation_penalty=0.25))
+  np.testing.assert_allclose(np.asarray(got), [1.0, 0.75, -0.25, -0.25])

@@ -219,7 +219,7 @@ class GradeArrays:
   severity: jax.Array  # i32[B]
   mode: jax.Array  # i32[B]
   valid: jax.Array  # bool[B]
-  truncated: jax.Array  # bool[B], the response hit the length limit
+  truncated: jax.Array  # bool[B], the response reached no final answer (RL: hit the budget, or ended without one)
 
 
 def grades_to_arrays(grades: Sequence[Grade], truncated: Sequence[bool] | None = None) -> GradeArrays:

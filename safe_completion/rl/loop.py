@@ -82,6 +82,18 @@ def decode_rollouts(tokenizer, completion: np.ndarray, lengths: np.ndarray,
   return texts, [chat.split_reasoning(text)[1] for text in texts]
 
 
+def reward_grades(grades: list[graders_base.Grade], texts: list[str], answers: list[str],
+                  finished: np.ndarray) -> tuple[graders_base.GradeArrays, np.ndarray]:
+  """The rollouts' grades as the reward reads them, and which rollouts reached a final answer.
+
+  Every rollout without one (it hit the budget, or ended without closing its reasoning block or with
+  an empty answer) is flagged `truncated`, so it pays the truncation penalty; an empty answer has h = 0.
+  """
+  answered = np.asarray([chat.reached_answer(t, bool(f)) for t, f in zip(texts, finished)], bool)
+  arrays = graders_base.grades_to_arrays(grades, truncated=~answered)
+  return rewards_lib.empty_answers_help_nobody(arrays, jnp.asarray([not a.strip() for a in answers])), answered
+
+
 def _mean_by(values: np.ndarray, labels: list[str], valid: np.ndarray) -> dict[str, float]:
   out = {}
   for label in sorted(set(labels)):
@@ -197,7 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       requests = [graders_base.GradeRequest(prompt=p.messages, response=a, category=p.category,
                                             prompt_id=p.id) for p, a in zip(expanded, answers)]
       grades = grader.grade(requests)
-      grade_arrays = graders_base.grades_to_arrays(grades, truncated=~finished)
+      grade_arrays, answered = reward_grades(grades, texts, answers, finished)
       rewards, aux = rewards_lib.combine_rewards(grade_arrays, reward_config)
       timings["time/grade"] = time.perf_counter() - started
 
@@ -233,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "sampler_trainer_logprob_gap/max": float(gap.max()),
               "learning_rate": float(schedule(int(state["step"]) - 1)),
               "truncated_rate": float(1 - finished.mean()),
-              "answer_rate": float(np.mean([chat.reached_answer(t, bool(f)) for t, f in zip(texts, finished)]))}
+              "answer_rate": float(answered.mean())}
       training.stop_if_non_finite(ckpt, step, bool(last["non_finite"]), f"an RL update (last loss {last['loss']})")
       writer.write(step + 1, last)
       if (step + 1) % config.sample_table_every == 0 and jax.process_index() == 0:
