@@ -2,6 +2,7 @@
 plain path (`transposed_weight_grads`, the custom-VJP projection) within f32 round-off."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -84,3 +85,26 @@ def test_transposed_weight_grads_leave_lora_adapters_in_place():
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     assert float(jnp.abs(w).max()) > 0
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def _compiled_ops(config: transformer.ModelConfig, params, batch) -> list[str]:
+  """The optimized HLO's instructions (kind, shape, operands' layout), without names and metadata."""
+  text = jax.jit(lambda p: transformer.forward(p, config, batch["tokens"], batch["positions"], batch["segment_ids"])
+                 ).lower(params).compile().as_text()
+  ops = []
+  for line in text.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = (\S+) ([\w\-]+)\((.*)", line)
+    if match:
+      rest = re.sub(r"(, )?(metadata|stack_frame_id|backend_config)=.*", "", match.group(3))
+      operands = re.sub(r"%[\w.\-]+", "%", rest)
+      ops.append(f"{match.group(1)} {match.group(2)} {operands}")
+  return ops
+
+
+def test_transposed_weight_grads_leave_the_forward_program_unchanged():
+  """Only the backward pass differs: the sampler and log-prob passes compile to the same instructions."""
+  params = transformer.init_params(_CONFIG, jax.random.key(0))
+  batch = _batch()
+  plain = _compiled_ops(_CONFIG, params, batch)
+  assert len(plain) > 50 and any(op.split()[1] == "dot" for op in plain)
+  assert _compiled_ops(dataclasses.replace(_CONFIG, transposed_weight_grads=True), params, batch) == plain
