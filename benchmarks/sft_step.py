@@ -1,7 +1,7 @@
 """Tokens/s and MFU of our SFT train step against the same model's training step in PyTorch.
 
   python benchmarks/sft_step.py [--batch=4] [--seq=512] [--steps=5] [--rounds=5] [--threads=2]
-                                [--xla_flags="..."] [--remat=none] [--skip_torch]
+                                [--xla_flags="..."] [--remat=none] [--scan_unroll=1] [--skip_torch]
 
 Both sides train `configs/common.py` MODELS["small"] (d=512, 8 layers, 8 heads,
 MLP 1536, vocab 4096, tied embeddings) in float32 on the same token batch with
@@ -44,6 +44,7 @@ def _parse_args() -> argparse.Namespace:
   parser.add_argument("--threads", type=int, default=2, help="CPU threads for both sides")
   parser.add_argument("--xla_flags", default=DEFAULT_XLA_FLAGS, help="appended to $XLA_FLAGS")
   parser.add_argument("--remat", default="none", help="model.remat_policy of our step")
+  parser.add_argument("--scan_unroll", type=int, default=1, help="model.scan_unroll of our step (8: no layer loop)")
   parser.add_argument("--matmul", type=int, default=2048, help="size of the square f32 peak matmul")
   parser.add_argument("--skip_torch", action="store_true")
   return parser.parse_args()
@@ -91,9 +92,10 @@ def host_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
 class JaxStep:
   """Our jitted SFT step on a one-device mesh; `__call__` runs one step and blocks."""
 
-  def __init__(self, batch: dict[str, np.ndarray], remat: str):
+  def __init__(self, batch: dict[str, np.ndarray], remat: str, scan_unroll: int):
     config = sft_configs.get_config("tiny")
-    config.model = common.model("small", max_seq_len=max(batch["tokens"].shape[1], 1024), remat_policy=remat)
+    config.model = common.model("small", max_seq_len=max(batch["tokens"].shape[1], 1024), remat_policy=remat,
+                                scan_unroll=scan_unroll)
     config.mesh.shape = (1, 1, 1)
     config.batch_size, config.data.seq_len = batch["tokens"].shape
     self.model_config = sft.model_config_from(config)
@@ -162,7 +164,7 @@ def main():
   if len(jax.devices()) != 1:
     sys.exit(f"sft_step: expected one CPU device, found {jax.devices()}")
   batch = host_batch(ARGS.batch, ARGS.seq, common.MODELS["small"]["vocab_size"])
-  ours = JaxStep(batch, ARGS.remat)
+  ours = JaxStep(batch, ARGS.remat, ARGS.scan_unroll)
   cfg = ours.model_config
   embedding = cfg.vocab_size * cfg.hidden_size
   norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
@@ -207,7 +209,8 @@ def main():
         f"{ARGS.threads} threads): "
         + ("quiet" if quiet else "NOT quiet, other processes ran; compare CPU-time ratios only"))
   print(f"model: small d={cfg.hidden_size} L={cfg.num_layers} H={cfg.num_heads} mlp={cfg.mlp_dim} V={cfg.vocab_size} "
-        f"f32, remat={cfg.remat_policy}; {ours.num_params / 1e6:.2f}M params, {matmul_params / 1e6:.2f}M in matmuls "
+        f"f32, remat={cfg.remat_policy}, scan_unroll={cfg.scan_unroll}, "
+        f"transposed_weight_grads={cfg.transposed_weight_grads}; {ours.num_params / 1e6:.2f}M params, {matmul_params / 1e6:.2f}M in matmuls "
         f"(embedding {embedding / 1e6:.2f}M as tied head); batch {ARGS.batch}x{ARGS.seq} = {tokens} tokens/step")
   print(f"flops/step: 6N {model_flops / 1e9:.1f} GFLOP + attention {attention_flops / 1e9:.1f} GFLOP")
   print(f"warm-up losses (should be near ln V = {np.log(cfg.vocab_size):.2f}): ours {first_losses[0]:.3f}, "
