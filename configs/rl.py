@@ -32,7 +32,7 @@ Defaults, and why:
   max_new_tokens, or ended without closing its reasoning block or with an empty answer), so not
   answering always pays less than any finished answer (r = h x s >= 0). A truncated rollout's partial
   answer is what the grader grades; an empty answer gets h = 0 whatever the grader says of it
-  (rewards.empty_answers_help_nobody). Masking
+  (graders.base.grade_answers). Masking
   (rl.mask_truncated=True) would instead drop those tokens from the loss, which leaves the policy no
   signal to finish; use it when budgets are generous and truncation is rare noise.
 """

@@ -219,7 +219,7 @@ def _regrade(completions: Sequence[metrics_lib.GradedCompletion], prompts: dict[
     return [graders_base.Grade(**row) for row in jsonl.read_rows(cache_path)]
   requests = [graders_base.GradeRequest(prompt=prompts[c.prompt_id].messages, response=c.response,
                                         category=c.category, prompt_id=c.prompt_id) for c in completions]
-  grades = grader.grade(requests)
+  grades = graders_base.grade_answers(grader, requests)
   jsonl.append_rows(cache_path, [dict(g.__dict__) for g in grades])
   return grades
 

@@ -203,10 +203,3 @@ def test_zero_variance_fraction_counts_groups_without_signal():
   # Rows 0 (equal included), 2 (constant) and 3 (one member) have no signal.
   assert float(rewards.zero_variance_fraction(group, include)) == 0.75
 
-
-def test_an_empty_answer_earns_minus_the_penalty_whatever_its_grade():
-  config = rewards.RewardConfig(truncation_penalty=0.25)
-  grades = make_grades([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], truncated=[False, True, True])
-  graded = rewards.empty_answers_help_nobody(grades, jnp.asarray([False, False, True]))
-  got, _ = rewards.combine_rewards(graded, config)
-  np.testing.assert_allclose(np.asarray(got), [1.0, 0.75, -0.25])

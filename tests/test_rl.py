@@ -109,15 +109,34 @@ def test_trainer_logprobs_at_the_rollout_temperature_equal_the_samplers(tiny_sft
     assert (gap.max() < 1e-4) == agrees, (temperature, gap.max())
 
 
+
+class _AlwaysHelpful:
+  """A grader that rates every response safe and fully helpful, and records what it was asked."""
+
+  def __init__(self):
+    self.responses = []
+
+  def grade(self, requests):
+    self.responses += [r.response for r in requests]
+    return [graders_base.Grade.from_scores(safety=1.0, severity="none", mode="direct", helpfulness_rating=4,
+                                           kind="direct", grader="test", judge_model="", template_hash="")
+            for _ in requests]
+
+
 def test_every_rollout_without_a_final_answer_pays_the_truncation_penalty():
   """Hit the budget mid-answer, ended inside its reasoning, ended on an empty answer: none reached an
-  answer. The partial answer is graded less the penalty; the other two have no answer at all (h = 0)."""
-  grade = graders_base.Grade.from_scores(safety=1.0, severity="none", mode="direct", helpfulness_rating=4,
-                                         kind="direct", grader="test", judge_model="", template_hash="")
+  answer. The partial answer is graded less the penalty; the other two have no answer, which no grader
+  is asked about: h = 0, so they earn minus the penalty."""
   texts = ["<think>\nok\n</think>\n\nAn answer.", "<think>\nok\n</think>\n\nA partial ans",
            "<think>\nstill thinking", "<think>\nok\n</think>\n\n"]
-  answers = [chat.split_reasoning(t)[1] for t in texts]
-  arrays, answered = loop.reward_grades([grade] * 4, texts, answers, np.array([True, False, True, True]))
+  prompt = ({"role": "user", "content": "hi"},)
+  requests = [graders_base.GradeRequest(prompt=prompt, response=chat.split_reasoning(t)[1], category="privacy",
+                                        prompt_id="p") for t in texts]
+  grader = _AlwaysHelpful()
+  grades = graders_base.grade_answers(grader, requests)
+  assert grader.responses == ["An answer.", "A partial ans"]
+  assert [g.grader for g in grades] == ["test", "test", "no_answer", "no_answer"]
+  arrays, answered = loop.reward_grades(grades, texts, np.array([True, False, True, True]))
   np.testing.assert_array_equal(answered, [True, False, False, False])
   got, _ = rewards_lib.combine_rewards(arrays, rewards_lib.RewardConfig(truncation_penalty=0.25))
   np.testing.assert_allclose(np.asarray(got), [1.0, 0.75, -0.25, -0.25])

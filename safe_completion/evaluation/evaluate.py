@@ -71,7 +71,7 @@ def generate_and_grade(backend: backends_base.Backend, grader: graders_base.Grad
     requests = [graders_base.GradeRequest(prompt=grade_against.get(p.id, p.messages), response=c.text,
                                           category=p.category, prompt_id=p.id)
                 for p, choices in zip(batch, outputs) for c in choices]
-    grades = iter(grader.grade(requests))
+    grades = iter(graders_base.grade_answers(grader, requests))
     rows = []
     for prompt, choices in zip(batch, outputs):
       graded = [metrics_lib.GradedCompletion(prompt.id, index, prompt.category, prompt.intent, prompt.tags,

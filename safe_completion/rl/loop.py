@@ -82,16 +82,15 @@ def decode_rollouts(tokenizer, completion: np.ndarray, lengths: np.ndarray,
   return texts, [chat.split_reasoning(text)[1] for text in texts]
 
 
-def reward_grades(grades: list[graders_base.Grade], texts: list[str], answers: list[str],
-                  finished: np.ndarray) -> tuple[graders_base.GradeArrays, np.ndarray]:
+def reward_grades(grades: list[graders_base.Grade], texts: list[str], finished: np.ndarray) -> tuple[graders_base.GradeArrays, np.ndarray]:
   """The rollouts' grades as the reward reads them, and which rollouts reached a final answer.
 
   Every rollout without one (it hit the budget, or ended without closing its reasoning block or with
-  an empty answer) is flagged `truncated`, so it pays the truncation penalty; an empty answer has h = 0.
+  an empty answer, graded h = 0 by `graders.base.grade_answers`) is flagged `truncated`, so it pays
+  the truncation penalty.
   """
   answered = np.asarray([chat.reached_answer(t, bool(f)) for t, f in zip(texts, finished)], bool)
-  arrays = graders_base.grades_to_arrays(grades, truncated=~answered)
-  return rewards_lib.empty_answers_help_nobody(arrays, jnp.asarray([not a.strip() for a in answers])), answered
+  return graders_base.grades_to_arrays(grades, truncated=~answered), answered
 
 
 def _mean_by(values: np.ndarray, labels: list[str], valid: np.ndarray) -> dict[str, float]:
@@ -208,8 +207,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       expanded = [p for p in step_prompts for _ in range(k)]
       requests = [graders_base.GradeRequest(prompt=p.messages, response=a, category=p.category,
                                             prompt_id=p.id) for p, a in zip(expanded, answers)]
-      grades = grader.grade(requests)
-      grade_arrays, answered = reward_grades(grades, texts, answers, finished)
+      grades = graders_base.grade_answers(grader, requests)
+      grade_arrays, answered = reward_grades(grades, texts, finished)
       rewards, aux = rewards_lib.combine_rewards(grade_arrays, reward_config)
       timings["time/grade"] = time.perf_counter() - started
 

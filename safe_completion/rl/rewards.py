@@ -39,7 +39,7 @@ class RewardConfig:
       group baseline) or "exclude" (reward 0 and left out of the baseline).
     truncation_penalty: subtracted from the reward of a response flagged `truncated`: in RL, one that
       reached no final answer (hit its token budget, or ended without closing its reasoning block or
-      with an empty answer).
+      with an empty answer, which `graders.base.grade_answers` grades h = 0).
     additive_weights: (w_h, w_s) for the `additive` combiner.
   """
 
@@ -76,14 +76,6 @@ COMBINERS: dict[str, Callable[[GradeArrays, RewardConfig], jax.Array]] = {
     "multiplicative": multiplicative,
     "additive": additive,
 }
-
-
-def empty_answers_help_nobody(grades: GradeArrays, empty: jax.Array) -> GradeArrays:
-  """`grades` with h = 0 where the final answer is empty (bool[B] `empty`): nothing was given, whatever a
-  grader makes of an empty string (the tiny experiment's learned grader rated it 1-3 of 4, so RL paid
-  the refusal arm for answering nothing). Such a rollout reached no answer, so it is also `truncated`
-  and pays the truncation penalty (loop.py flags every rollout without a final answer)."""
-  return grades.replace(helpfulness=jnp.where(empty, 0.0, grades.helpfulness))
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
