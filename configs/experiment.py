@@ -192,8 +192,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.rl.grader = learned_grader("reward")
   config.rl.num_steps = 6
   # A gentler step than the RL stage's tiny default: at 3e-3 the tiny policy's answer rate fell from
-  # 0.9 to 0.34 within five steps (it stopped closing its reasoning block) before recovering.
-  config.rl.optimizer.learning_rate = 1e-3
+  # 0.9 to 0.34 within five steps (it stopped closing its reasoning block) before recovering; at 1e-3 the
+  # refusal arm's rollouts still fell from 0.97 to 0.81-0.84 by steps 5-6 (KL 0.23) and its eval answer
+  # rate was 0.86 (the SFT checkpoint's 0.96).
+  config.rl.optimizer.learning_rate = 5e-4
   config.rl.checkpoint.every_steps = 3
   config.rl.sample_table_every = 3
   # Room for the demonstrations' reasoning + answer (up to ~370 tokens of the tiny tokenizer).
