@@ -73,8 +73,8 @@ class ModelConfig:
   remat_policy: str = "none"
   scan_unroll: int = 1  # Layers per iteration of the layer scan; num_layers unrolls it (fast CPU decode).
   attention_block: int = 128  # Query rows per block of uncached attention (causal blocks skip later keys); 0: one.
-  # Projection weight gradients as x^T @ dy with x^T materialised (`project`): XLA:CPU's YNNPACK runs that
-  # layout; left alone, XLA picks one it hands to Eigen at half the speed. CPU presets set it.
+  # Projection weight gradients with the narrower of x, dy transposed first (`project`): XLA:CPU's YNNPACK
+  # runs that layout; left alone, XLA picks one it hands to Eigen at half the speed. CPU presets set it.
   transposed_weight_grads: bool = False
 
   def __post_init__(self):
