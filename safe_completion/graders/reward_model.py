@@ -7,7 +7,10 @@ turn, then the response; the prompt is cut first so the response survives
 truncation), "prompt" and "response" alone. The default is prompt + response
 embedded separately: the sentence encoder was trained on single texts, and on
 the held-out grades this beats the pair text clearly (unsafe AUC 0.98 vs 0.87,
-helpfulness Spearman 0.82 vs 0.50 with 282 train rows). A shared hidden layer feeds four heads: safety (sigmoid, in [0, 1]), severity
+helpfulness Spearman 0.82 vs 0.50 with 282 train rows). Beside the embeddings, optional side
+features: the category one-hot and hashed word 1-2-grams of the response and/or prompt
+(`ngram_features`; the `transfer` preset, chosen by scripts/grader_cv.py).
+A shared hidden layer feeds four heads: safety (sigmoid, in [0, 1]), severity
 (5 classes), mode (3 classes) and helpfulness (4 classes over the 1-4 rating;
 the expected rating, rounded, is the prediction). By default the encoder is
 frozen: embeddings are computed once and only the heads train, which takes
