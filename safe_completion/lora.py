@@ -75,7 +75,10 @@ class LoraParams:
 def _decoder(model_config: transformer.ModelConfig, lora_config: LoraConfig) -> nn.Module:
   modules = "|".join(TARGETS[name] for name in lora_config.target_modules)
   provider = qwix.LoraProvider(module_path=rf".*/({modules})$", rank=lora_config.rank, alpha=lora_config.alpha)
-  return qwix.apply_lora_to_model(transformer.Decoder(model_config), provider)
+  # qwix intercepts the projections' dot_general on the kernel param: the custom-VJP projection (a CPU
+  # speed-up of the weight gradient) would hide it, so LoRA models run the plain dot.
+  plain = dataclasses.replace(model_config, transposed_weight_grads=False)
+  return qwix.apply_lora_to_model(transformer.Decoder(plain), provider)
 
 
 def _is_adapter(path: tuple[str, ...]) -> bool:

@@ -70,7 +70,8 @@ def test_transposed_weight_grads_keep_logprobs_and_grads_of_the_decoder():
 
 
 def test_transposed_weight_grads_leave_lora_adapters_in_place():
-  """qwix intercepts the projection's dot_general: with the flag on, the adapters still act and get gradients."""
+  """qwix intercepts the projection's dot_general: with the flag on, a LoRA model runs the plain dot
+  (lora.py turns the flag off), so the adapters still act and get the same gradients."""
   fast = dataclasses.replace(_CONFIG, transposed_weight_grads=True)
   lora_config = lora.LoraConfig(rank=2, alpha=4.0, target_modules=("q", "down"))
   base = lora.Base(transformer.init_params(_CONFIG, jax.random.key(0)), lora_config)

@@ -449,7 +449,7 @@ def hf_config_dict(config: ModelConfig, architecture: str, **extra) -> dict:
 def _behaviour(config: ModelConfig) -> dict:
   """The fields that change what a config computes (not dtypes, remat or unused defaults)."""
   fields = dataclasses.asdict(config)
-  for key in ("dtype", "param_dtype", "remat_policy", "sliding_window_pattern"):
+  for key in ("dtype", "param_dtype", "remat_policy", "sliding_window_pattern", "transposed_weight_grads"):
     fields.pop(key)
   fields["query_pre_attn_scalar"] = config.query_pre_attn_scalar or config.head_dim
   fields["sliding_layers"] = config.sliding_layers()

@@ -240,9 +240,6 @@ def _attention_bwd(softcap, causal_block, residuals, grad_out):
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-_DOT_GENERAL_CODE = jax.lax.dot_general.__code__  # qwix (LoRA) swaps it while it intercepts a model call.
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def project(x: Array, kernel: Array, contract_dims: int = 1) -> Array:
   """x @ kernel over x's last `contract_dims` axes, the same dot as `Dense`'s; only its gradient differs.
@@ -302,9 +299,9 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.logical_axes),
                         in_shape + self.features, cfg.weight_dtype)
     x, kernel = x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype)
-    if cfg.transposed_weight_grads and jax.lax.dot_general.__code__ is _DOT_GENERAL_CODE:
+    if cfg.transposed_weight_grads:  # Off in LoRA models (lora.py): qwix must see the plain dot_general.
       y = project(x, kernel, self.contract_dims)
-    else:  # An interceptor (qwix LoRA) must see its dot_general called on the kernel param itself.
+    else:
       y = _dot(x, kernel, self.contract_dims)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
