@@ -29,7 +29,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # torch is pinned to the CPU build that ships on the CI machine's disk; an
     # unpinned torch pulls a multi-GB CUDA build. Used only by parity tests.
-    "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     "torch": ["torch==2.13.0"],
     "tfds": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16"],
     "tpu": ["jax[tpu]"],
