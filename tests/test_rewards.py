@@ -202,4 +202,3 @@ def test_zero_variance_fraction_counts_groups_without_signal():
   include = jnp.array([[True, True, False], [True, True, True], [True, True, True], [True, False, False]])
   # Rows 0 (equal included), 2 (constant) and 3 (one member) have no signal.
   assert float(rewards.zero_variance_fraction(group, include)) == 0.75
-

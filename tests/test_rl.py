@@ -109,7 +109,6 @@ def test_trainer_logprobs_at_the_rollout_temperature_equal_the_samplers(tiny_sft
     assert (gap.max() < 1e-4) == agrees, (temperature, gap.max())
 
 
-
 class _AlwaysHelpful:
   """A grader that rates every response safe and fully helpful, and records what it was asked."""
 

@@ -62,7 +62,7 @@ _LENGTH_BUCKET = 32
 TEXT_PARTS = ("pair", "prompt", "response")
 # Beside the text embeddings: "category", a one-hot of the request's category (the spec that applies);
 # "response_ngrams" / "prompt_ngrams", hashed word 1-2-grams of the response / prompt (`ngram_features`).
-NGRAM_PARTS = ("prompt_ngrams", "response_ngrams")
+NGRAM_PARTS = ("prompt_ngrams", "response_ngrams")  # In the order of a (prompt, response) pair.
 FEATURE_PARTS = TEXT_PARTS + ("category",) + NGRAM_PARTS
 _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 

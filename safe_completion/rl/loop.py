@@ -82,7 +82,8 @@ def decode_rollouts(tokenizer, completion: np.ndarray, lengths: np.ndarray,
   return texts, [chat.split_reasoning(text)[1] for text in texts]
 
 
-def reward_grades(grades: list[graders_base.Grade], texts: list[str], finished: np.ndarray) -> tuple[graders_base.GradeArrays, np.ndarray]:
+def reward_grades(grades: list[graders_base.Grade], texts: list[str],
+                  finished: np.ndarray) -> tuple[graders_base.GradeArrays, np.ndarray]:
   """The rollouts' grades as the reward reads them, and which rollouts reached a final answer.
 
   Every rollout without one (it hit the budget, or ended without closing its reasoning block or with
