@@ -401,6 +401,14 @@ def slow_url(slow_engine):
     yield url
 
 
+@pytest.fixture(scope="module")
+def patient_slow_url(slow_engine):
+  """The slow engine behind a long deadline, so a request stays in flight until its client leaves, however loaded the
+  machine is."""
+  with scripted_server.in_thread(serve.make_app(slow_engine, max_queue=1, request_timeout_s=60.0)) as url:
+    yield url
+
+
 def test_serve_deadline_ends_a_long_request(slow_url, slow_engine):
   start = time.monotonic()
   response = chat(slow_url, max_tokens=100)
@@ -409,10 +417,13 @@ def test_serve_deadline_ends_a_long_request(slow_url, slow_engine):
   assert chat(slow_url, max_tokens=3).status_code == 200  # The lock was released.
 
 
-def test_serve_full_queue_is_429_and_disconnect_stops_generation(slow_url, slow_engine):
+def test_serve_full_queue_is_429_and_disconnect_stops_generation(patient_slow_url, slow_engine):
+  slow_url = patient_slow_url
   body = {"model": "tiny", "messages": user("hello there"), "max_tokens": 100, "temperature": 0.0, "stream": True}
   with httpx.Client(timeout=30) as client, client.stream("POST", f"{slow_url}/chat/completions", json=body) as first:
-    assert next(first.iter_lines()).startswith("data: ")  # Generating now ...
+    # The line iterator is kept: dropping it closes the stream, a disconnect that frees the slot.
+    lines = first.iter_lines()
+    assert next(lines).startswith("data: ")  # Generating now ...
     busy = chat(slow_url, max_tokens=2)
     assert busy.status_code == 429 and busy.headers["retry-after"] == "1"  # ... so a second request is refused.
     made = len(slow_engine.decode_calls)
