@@ -27,11 +27,12 @@ Defaults, and why:
   no nonzero advantage is skipped (`update_skipped` in the metrics): its gradient would be the KL
   term alone, rounding noise while the policy equals the reference, which Adam scales to lr-sized
   steps. `zero_variance_groups` says how often groups carry no signal.
-- Truncated rollouts are penalised, not masked: reward.truncation_penalty (0.25 in the tiny
+- Truncated rollouts are penalised, not masked: reward.truncation_penalty (1.0 in the tiny
   experiment) is subtracted from the reward of a rollout that reached no final answer (it hit
-  max_new_tokens, or ended without closing its reasoning block or with an empty answer), so not
-  answering always pays less than any finished answer (r = h x s >= 0). A truncated rollout's partial
-  answer is what the grader grades; an empty answer gets h = 0 whatever the grader says of it
+  max_new_tokens, or ended without closing its reasoning block or with an empty answer). At 1.0 not
+  answering always pays less than any finished answer: r = h x s is in [0, 1], so a truncated
+  rollout's r - 1 <= 0. A smaller penalty lets a long partial answer that the grader rates well beat a
+  short finished one. A truncated rollout's partial answer is what the grader grades; an empty answer gets h = 0 whatever the grader says of it
   (graders.base.grade_answers). Masking
   (rl.mask_truncated=True) would instead drop those tokens from the loss, which leaves the policy no
   signal to finish; use it when budgets are generous and truncation is rare noise.
