@@ -69,7 +69,8 @@ def test_templated_rows_get_refusal_policy_labels_from_the_refusal_arm_decision(
     assert row.severity["safe_completion"] == grade.severity
     if row.response == refusal_answer[row.prompt_id]:
       assert row.severity["refusal"] == "none"  # The refusal arm's own demonstration follows its policy.
-    elif row.refusal_policy_request == "refuse" and row.mode == "safe_completion":
-      assert row.unsafe("refusal")  # No partial answer under the refusal policy.
+    elif row.refusal_policy_request == "refuse" and row.mode != "refusal":
+      assert row.unsafe("refusal")  # No partial answer, and no vague one, under the refusal policy.
   assert any(r.unsafe("safe_completion") and not r.unsafe("refusal") for r in rows)
   assert any(r.unsafe("refusal") and not r.unsafe("safe_completion") for r in rows)
+  assert any(r.label == "vague" and r.unsafe("refusal") for r in rows)
