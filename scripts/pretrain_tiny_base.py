@@ -30,8 +30,10 @@ DEFAULT_OUT = records.DEFAULT_DATA_DIR / "tiny_base"
 def corpus_rows() -> list[dict]:
   """SFT-record rows of the base corpus (the format `sft_data.sft_record_examples` reads)."""
   rows, _ = labeled.load_labeled(labeled.TRAIN_DIR)
+  # A text that is unsafe or manipulative in any row stays out, also where another prompt makes it safe.
+  excluded = {r.response for r in rows if r.unsafe("safe_completion") or r.label == "manipulation"}
   return [{"id": r.id, "messages": [{"role": "user", "content": r.prompt}], "cot": "", "answer": r.response}
-          for r in rows if not r.unsafe("safe_completion") and r.label != "manipulation"]
+          for r in rows if r.response not in excluded]
 
 
 def config_for(records_dir: str, steps: int, out: str):
