@@ -32,8 +32,8 @@ Defaults, and why:
   max_new_tokens, or ended without closing its reasoning block or with an empty answer). At 1.0 not
   answering always pays less than any finished answer: r = h x s is in [0, 1], so a truncated
   rollout's r - 1 <= 0. A smaller penalty lets a long partial answer that the grader rates well beat a
-  short finished one. A truncated rollout's partial answer is what the grader grades; an empty answer gets h = 0 whatever the grader says of it
-  (graders.base.grade_answers). Masking
+  short finished one. A truncated rollout's partial answer is what the grader grades; an empty answer
+  gets h = 0 whatever the grader says of it (graders.base.grade_answers). Masking
   (rl.mask_truncated=True) would instead drop those tokens from the loss, which leaves the policy no
   signal to finish; use it when budgets are generous and truncation is rare noise.
 """

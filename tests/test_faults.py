@@ -402,7 +402,7 @@ def slow_url(slow_engine):
 
 
 @pytest.fixture(scope="module")
-def patient_slow_url(slow_engine):
+def patient_url(slow_engine):
   """The slow engine behind a long deadline, so a request stays in flight until its client leaves, however loaded the
   machine is."""
   with scripted_server.in_thread(serve.make_app(slow_engine, max_queue=1, request_timeout_s=60.0)) as url:
@@ -417,14 +417,13 @@ def test_serve_deadline_ends_a_long_request(slow_url, slow_engine):
   assert chat(slow_url, max_tokens=3).status_code == 200  # The lock was released.
 
 
-def test_serve_full_queue_is_429_and_disconnect_stops_generation(patient_slow_url, slow_engine):
-  slow_url = patient_slow_url
+def test_serve_full_queue_is_429_and_disconnect_stops_generation(patient_url, slow_engine):
   body = {"model": "tiny", "messages": user("hello there"), "max_tokens": 100, "temperature": 0.0, "stream": True}
-  with httpx.Client(timeout=30) as client, client.stream("POST", f"{slow_url}/chat/completions", json=body) as first:
+  with httpx.Client(timeout=30) as client, client.stream("POST", f"{patient_url}/chat/completions", json=body) as first:
     # The line iterator is kept: dropping it closes the stream, a disconnect that frees the slot.
     lines = first.iter_lines()
     assert next(lines).startswith("data: ")  # Generating now ...
-    busy = chat(slow_url, max_tokens=2)
+    busy = chat(patient_url, max_tokens=2)
     assert busy.status_code == 429 and busy.headers["retry-after"] == "1"  # ... so a second request is refused.
     made = len(slow_engine.decode_calls)
   # The client left: generation stops within a chunk or two, far short of 100 tokens, and the server is free.
@@ -433,7 +432,7 @@ def test_serve_full_queue_is_429_and_disconnect_stops_generation(patient_slow_ur
   assert stopped - made <= 3
   time.sleep(0.3)
   assert len(slow_engine.decode_calls) == stopped
-  assert chat(slow_url, max_tokens=2).status_code == 200
+  assert chat(patient_url, max_tokens=2).status_code == 200
 
 
 # ----------------------------------------------------------------------------- stages
