@@ -11,6 +11,10 @@ Routes: `GET /v1/models`, `POST /v1/chat/completions` (messages, model,
 max_tokens / max_completion_tokens, temperature, top_p, n, seed, stop, stream)
 and `POST /v1/completions` (prompt instead of messages). `stream=true` answers
 with server-sent events as the OpenAI API does (`data: {chunk}` ... `data: [DONE]`).
+A chat completion's reasoning block is `reasoning_content`, streamed or not (vLLM's
+reasoning-parser field): a completion that opens with it streams `reasoning_content`
+deltas, then `content` deltas after the block closes, and the deltas of each add up
+to the fields of the same request unstreamed.
 
 Hardening: with an API key every /v1 route needs `Authorization: Bearer <key>`
 (compared in constant time; 401 otherwise). `max_tokens` is bounded by the
@@ -41,6 +45,7 @@ from fastapi import responses
 from starlette import concurrency
 
 from safe_completion.backends import base
+from safe_completion.data import chat as chat_lib
 
 MAX_SEED = 2**63 - 1
 MAX_TOKENS = 2**31 - 1
@@ -222,18 +227,28 @@ def make_app(backend: Any, *, default_max_tokens: int = 256, api_key: str | None
       if not task.done():
         cancel.set()
 
-  def stream(http_request, prompt, params, chunk: Callable[[int, str | None, str | None], dict]):
-    """Server-sent events: deltas of each choice's text as the engine reports them, then [DONE]."""
+  def stream(http_request, prompt, params, chunk: Callable[[int, str | None, str | None, str | None], dict],
+             parts: Callable[[str], tuple[str, str] | None], final_parts: Callable[[base.Completion], tuple[str, str]]):
+    """Server-sent events: each choice's (reasoning, content) deltas as the engine reports its text, then
+    [DONE]. `parts` maps a partial text to the (reasoning, content) final so far (None: undecided);
+    `final_parts` gives them from the finished completion; `chunk(index, reasoning, content, finish)`."""
     if admitted[0] >= max_queue:  # Refused with a status while one can still be sent.
       raise _HttpError(429, f"the server is busy ({max_queue} requests in progress); retry later",
                        {"retry-after": "1"}, type_="server_error", code="queue_full")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    sent = [""] * params.n
+    sent = [("", "")] * params.n
     cancel = threading.Event()
 
     def on_progress(index: int, text: str) -> None:
       loop.call_soon_threadsafe(queue.put_nowait, (index, text))
+
+    def deltas(index: int, now: tuple[str, str]) -> tuple[str | None, str | None]:
+      """The new text of each part since the last event of `index` (None: nothing new or not a continuation)."""
+      new = [part[len(old):] if part.startswith(old) and len(part) > len(old) else None
+             for part, old in zip(now, sent[index])]
+      sent[index] = tuple(part if d is not None else old for part, old, d in zip(now, sent[index], new))
+      return new[0], new[1]
 
     async def events() -> AsyncIterator[str]:
       task = asyncio.ensure_future(run(http_request, prompt, params, on_progress if engine else None, cancel))
@@ -245,20 +260,19 @@ def make_app(backend: Any, *, default_max_tokens: int = 256, api_key: str | None
             getter.cancel()
             continue
           index, text = getter.result()
-          # As the final text: stripped at the start; a split multi-byte character is held back.
-          text = _before_stop(text, params.stop).lstrip().rstrip("\ufffd")
-          if text.startswith(sent[index]) and len(text) > len(sent[index]):
-            yield _sse(chunk(index, text[len(sent[index]):], None))
-            sent[index] = text
+          # As the final text: cut at a stop string; a split multi-byte character is held back.
+          now = parts(_before_stop(text, params.stop).rstrip("\ufffd"))
+          reasoning, content = deltas(index, now) if now is not None else (None, None)
+          if reasoning is not None or content is not None:
+            yield _sse(chunk(index, reasoning, content, None))
         try:
           completions = task.result()
         except _HttpError as e:
           yield _sse(json.loads(e.response.body))
           return
         for index, c in enumerate(completions):
-          raw = f"<think>{c.reasoning}</think>{c.text}" if c.reasoning and not engine else c.text
-          rest = raw[len(sent[index]):] if raw.startswith(sent[index]) else ""
-          yield _sse(chunk(index, rest or None, c.finish_reason))
+          reasoning, content = deltas(index, final_parts(c))
+          yield _sse(chunk(index, reasoning, content, c.finish_reason))
         yield "data: [DONE]\n\n"
       finally:
         cancel.set()  # A client that left cancels the stream, and with it the generation.
@@ -272,12 +286,13 @@ def make_app(backend: Any, *, default_max_tokens: int = 256, api_key: str | None
     prompt, params = prepare(request, request.max_completion_tokens or request.max_tokens, encode)
     response_id = f"chatcmpl-{secrets.token_hex(12)}"
     if request.stream:
-      def chunk(index, content, finish_reason):
-        delta = {"role": "assistant", **({"content": content} if content is not None else {})}
+      def chunk(index, reasoning, content, finish_reason):
+        delta = {"role": "assistant", **({"reasoning_content": reasoning} if reasoning is not None else {}),
+                 **({"content": content} if content is not None else {})}
         return {"id": response_id, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": backend.model_id, "choices": [{"index": index, "delta": delta,
                                                         "finish_reason": finish_reason}]}
-      return stream(http_request, prompt, params, chunk)
+      return stream(http_request, prompt, params, chunk, streamed_chat_parts, lambda c: (c.reasoning, c.text))
     completions = await run(http_request, prompt, params, None, threading.Event())
     return _chat_response(response_id, backend.model_id, completions)
 
@@ -291,12 +306,18 @@ def make_app(backend: Any, *, default_max_tokens: int = 256, api_key: str | None
     prompt, params = prepare(request, request.max_tokens or 16, encode)  # 16: the OpenAI default here.
     response_id = f"cmpl-{secrets.token_hex(12)}"
 
-    def chunk(index, content, finish_reason):
+    def chunk(index, reasoning, content, finish_reason):
+      del reasoning  # A text completion's text is the raw text; it has no reasoning field.
       return {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": backend.model_id,
               "choices": [{"index": index, "text": content or "", "logprobs": None, "finish_reason": finish_reason}]}
 
+    def raw_text(c: base.Completion) -> tuple[str, str]:
+      if c.reasoning and not engine:
+        return "", f"{chat_lib.REASONING_OPEN}{c.reasoning}{chat_lib.REASONING_CLOSE}{c.text}"
+      return "", c.text
+
     if request.stream:
-      return stream(http_request, prompt, params, chunk)
+      return stream(http_request, prompt, params, chunk, lambda text: ("", text.lstrip()), raw_text)
     completions = await run(http_request, prompt, params, None, threading.Event())
     body = _chat_response(response_id, backend.model_id, completions)
     body.update(object="text_completion", choices=[
@@ -305,6 +326,30 @@ def make_app(backend: Any, *, default_max_tokens: int = 256, api_key: str | None
     return body
 
   return app
+
+
+def streamed_chat_parts(text: str) -> tuple[str, str] | None:
+  """(reasoning, content) of a partly generated chat completion, each only as far as it is final, so that
+  the streamed deltas add up to `chat.split_reasoning` of the finished text.
+
+  A completion that opens with a reasoning block streams it as reasoning until the block closes, then the
+  rest as content; any other completion streams as content. Held back: text that may still become the
+  opening or closing tag (None while the start is undecided) and trailing whitespace, which the final
+  split strips.
+  """
+  opening, closing = chat_lib.REASONING_OPEN, chat_lib.REASONING_CLOSE
+  body = text.lstrip()
+  if not body.startswith(opening):
+    return None if opening.startswith(body) else ("", body.rstrip())
+  reasoning = body[len(opening):]
+  end = reasoning.find(closing)
+  if end != -1:
+    return reasoning[:end].strip(), reasoning[end + len(closing):].strip()
+  for keep in range(min(len(closing) - 1, len(reasoning)), 0, -1):  # A tag still arriving is held back.
+    if closing.startswith(reasoning[-keep:]):
+      reasoning = reasoning[:-keep]
+      break
+  return reasoning.strip(), ""
 
 
 def _before_stop(text: str, stop) -> str:
