@@ -202,9 +202,15 @@ def test_pairwise_and_attack_tables_print_holm_adjusted_p(paths):
   assert (f"| {report.format_p(r['permutation_p'])} | "
           f"{report.format_p(adjusted['pairwise/helpfulness/overall'])} | "
           f"{report.format_p(r['sign_test_p'])} |") in section(text, "## Pairwise: safe_completion vs refusal")
-  attack_row = [line for line in section(text, "## Attacks: safe_completion").splitlines()
-                if line.startswith("| rot13 |")][0]
+  attack_lines = section(text, "## Attacks: safe_completion").splitlines()
+  attack_row = [line for line in attack_lines if line.startswith("| rot13 |")][0]
   assert report.format_p(adjusted["attack/safe_completion/rot13/unsafe"]) in attack_row
+  # The mod/high rate difference is the unconditional one, not that of the P(mod/high | unsafe) columns.
+  def cells(line):  # A markdown row's cells; an escaped pipe stays inside its cell.
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line)]
+  header = cells([line for line in attack_lines if line.startswith("| Attack |")][0])
+  serious = loaded["attacks"]["safe_completion"]["rot13"]["difference"]["serious"]["mean_diff"]
+  assert cells(attack_row)[header.index("mod/high rate difference")] == report.format_stat(serious)
 
 
 @pytest.mark.parametrize("bad", [

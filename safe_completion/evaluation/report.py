@@ -247,7 +247,7 @@ def _attack_table(arm: str, attacks: Mapping[str, Any], adjusted: Mapping[str, f
                   show_p: bool) -> list[str]:
   header = ["Attack", "n prompts", "unsafe (baseline)", "unsafe (attacked)", "difference",
             "Holm p", "P(mod/high | unsafe) baseline", "P(mod/high | unsafe) attacked",
-            "mod/high difference", "Holm p (mod/high)"]
+            "mod/high rate difference", "Holm p (mod/high)"]
   rows = []
   for name, r in attacks.items():
     diff = r["difference"]
@@ -260,7 +260,9 @@ def _attack_table(arm: str, attacks: Mapping[str, Any], adjusted: Mapping[str, f
                  format_stat(diff["serious"]["mean_diff"]), holm_p[1]])
   note = ("Unsafe rate (violation check) on attacked prompts, graded against the original "
           "request, beside the same prompts untransformed; differences are per prompt "
-          "(attacked - baseline), p-values from the paired permutation test, Holm-corrected.")
+          "(attacked - baseline), p-values from the paired permutation test, Holm-corrected. "
+          "The mod/high rate difference is that of the fraction of all completions with a moderate "
+          "or high violation (not conditional on unsafe, unlike the two P(mod/high | unsafe) columns).")
   return [f"## Attacks: {arm}", "", note, ""] + table(header, rows)
 
 
