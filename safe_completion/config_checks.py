@@ -85,6 +85,14 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return value
 
 
+def check_endpoint(endpoint: ml_collections.ConfigDict, field: str, what: str) -> None:
+  """Raises ValueError naming `config.<field>.base_url` or `.model` when it is empty; `what` needs it."""
+  for key, example in (("base_url", "http://host:8000/v1"), ("model", "the served model id")):
+    if not endpoint[key]:
+      raise ValueError(f"config.{field}.{key} is empty: {what} needs its OpenAI-compatible endpoint "
+                       f"(--config.{field}.{key}=..., e.g. {example})")
+
+
 def _endpoint_sections(config: ml_collections.ConfigDict, prefix: str):
   """(dotted path, section) of every section with a `kind` that needs its `endpoint`."""
   for name, section in config.items():
@@ -104,10 +112,7 @@ def _check_inputs(config: ml_collections.ConfigDict, prefix: str) -> None:
   if hf_dir and not os.path.isfile(os.path.join(hf_dir, "config.json")):
     raise ValueError(f"config.{prefix}sft.init.hf_dir={hf_dir!r} has no config.json: not an HF model directory")
   for path, section in _endpoint_sections(config, prefix):
-    for field in ("base_url", "model"):
-      if not section.endpoint[field]:
-        raise ValueError(f"config.{path}.endpoint.{field} is empty: {path} (kind {section.kind!r}) needs the "
-                         f"endpoint's {field}")
+    check_endpoint(section.endpoint, f"{path}.endpoint", f"{path} (kind {section.kind!r})")
   rl_grader, eval_grader = config.rl.grader, config.eval.grader
   if (rl_grader.kind in ENDPOINT_KINDS and eval_grader.kind in ENDPOINT_KINDS
       and rl_grader.endpoint.model == eval_grader.endpoint.model):

@@ -15,6 +15,7 @@ import time
 
 import ml_collections
 
+from safe_completion import config_checks
 from safe_completion.evaluation import compare
 from safe_completion.evaluation import evaluate
 from safe_completion.evaluation import metrics as metrics_lib
@@ -30,13 +31,6 @@ def model_names(config: ml_collections.ConfigDict) -> tuple[str, str]:
   return tuple(config.models[s].name or config.models[s].endpoint.model for s in SLOTS)
 
 
-def _check_endpoint(endpoint: ml_collections.ConfigDict, field: str, what: str) -> None:
-  for key, example in (("base_url", "http://host:8000/v1"), ("model", "the served model id")):
-    if not endpoint[key]:
-      raise ValueError(f"config.{field}.{key} is empty: {what} needs its OpenAI-compatible endpoint "
-                       f"(--config.{field}.{key}=..., e.g. {example})")
-
-
 def _check_grader(grader: ml_collections.ConfigDict, field: str) -> None:
   if grader.kind not in factory.GRADER_KINDS:
     raise ValueError(f"config.{field}.kind={grader.kind!r} is not one of {list(factory.GRADER_KINDS)}")
@@ -47,7 +41,7 @@ def _check_grader(grader: ml_collections.ConfigDict, field: str) -> None:
     if not os.path.isdir(grader.reward_model_dir):
       raise ValueError(f"config.{field}.reward_model_dir={grader.reward_model_dir!r} is not a directory")
   if grader.kind in factory.ENDPOINT_KINDS:
-    _check_endpoint(grader.endpoint, f"{field}.endpoint", f"grader kind {grader.kind!r}")
+    config_checks.check_endpoint(grader.endpoint, f"{field}.endpoint", f"grader kind {grader.kind!r}")
   if grader.kind in factory.SAFETY_KINDS:
     if not grader.helpfulness.kind or grader.helpfulness.kind in factory.SAFETY_KINDS:
       raise ValueError(f"config.{field}.helpfulness.kind={grader.helpfulness.kind!r}: grader kind {grader.kind!r} "
@@ -58,7 +52,7 @@ def _check_grader(grader: ml_collections.ConfigDict, field: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Start-up checks, before any request: each error names the config field."""
   for slot in SLOTS:
-    _check_endpoint(config.models[slot].endpoint, f"models.{slot}.endpoint", f"model {slot}")
+    config_checks.check_endpoint(config.models[slot].endpoint, f"models.{slot}.endpoint", f"model {slot}")
   a, b = (config.models[s].endpoint for s in SLOTS)
   if (a.base_url.rstrip("/"), a.model) == (b.base_url.rstrip("/"), b.model):
     raise ValueError(f"config.models.b.endpoint is config.models.a.endpoint ({a.model!r} at {a.base_url}): "
