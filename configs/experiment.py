@@ -1,6 +1,11 @@
 r"""The paper's experimental design (the README's main job): refusal arm vs safe-completion arm, one command.
 
 The tiny preset runs that design small, on a CPU: a run of the machinery, not evidence about the method at scale.
+Its policy does not learn to write: 1.3M parameters and 480 train prompts, from a base pretrained on about a
+thousand short responses (no pretrained model is reachable offline). More SFT only memorizes: 480 steps instead
+of 160 took the refusal arm's train loss to 0.21 while its held-out loss rose from 4.6 to 6.8, and its samples
+on eval prompts stayed token soup at temperature 0, 0.3 and 0.7. The report says so in its caveats and
+withholds p-values.
 
 Offline tiny default on a 2-core CPU (shipped data, learned reward models as graders):
   python -m safe_completion.main --config=configs/experiment.py:tiny --workdir=workdir/experiment
