@@ -136,6 +136,18 @@ def user(text: str) -> list[dict]:
 
 TOKENIZER_DIR = f"{REPO_ROOT}/data/tokenizer"
 
+
+def opening_tokenizer():
+  """The shipped tokenizer with a chat template that opens the reasoning block in the generation prompt, as
+  the templates of some reasoning models (DeepSeek-R1 distills) do."""
+  import transformers  # pylint: disable=import-outside-toplevel  (only the tests that need it pay for it)
+  opening = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+  template = opening.chat_template
+  opening.chat_template = template.replace("'<|assistant|>' -}}{%- endif", "'<|assistant|><think>' -}}{%- endif")
+  assert opening.chat_template != template
+  return opening
+
+
 class EchoBackend:
   """Replies "echo {i}: {last user message}"; a message starting "think:" gets a reasoning block."""
 

@@ -12,6 +12,7 @@ import transformers
 from safe_completion.backends import base
 from safe_completion.backends import http
 from safe_completion.backends import local
+from safe_completion.data import chat
 from safe_completion.models import convert
 from safe_completion.models import sampling
 from safe_completion.models import transformer
@@ -19,6 +20,7 @@ from tests import scripted_server
 
 from tests.scripted_server import TOKENIZER_DIR
 from tests.scripted_server import control
+from tests.scripted_server import opening_tokenizer
 from tests.scripted_server import stats
 from tests.scripted_server import user
 
@@ -199,6 +201,21 @@ def test_local_greedy_equals_sample(tiny_model, tokenizer):
     assert [c.text for c in choices] == [expected.strip()] * 2
     assert choices[0].prompt_tokens == len(prompts[row])
     assert choices[0].finish_reason == ("stop" if out.finished[row] else "length")
+
+
+def test_a_prompt_that_opens_the_reasoning_block_is_split_inside_it(tiny_model, tokenizer):
+  params, config = tiny_model
+  opening = opening_tokenizer()
+  out, prompts = reference_greedy(params, config, opening, CONVERSATIONS, 6, (tokenizer.eos_token_id,))
+  assert all(chat.prompt_opens_reasoning(opening, p) for p in prompts)
+  assert not any(chat.prompt_opens_reasoning(tokenizer, p)
+                 for p in reference_greedy(params, config, tokenizer, CONVERSATIONS, 1, (tokenizer.eos_token_id,))[1])
+  got = local.LocalBackend(params, config, opening, max_prompt_len=48, batch_size=2).generate(
+      CONVERSATIONS, base.SamplingParams(max_tokens=6, temperature=0.0))
+  for row, (completion,) in enumerate(got):
+    sampled = tokenizer.decode(out.tokens[row, :int(out.lengths[row])].tolist(), skip_special_tokens=False)
+    assert chat.REASONING_CLOSE not in sampled  # Cut inside the block the prompt opened: reasoning, no answer.
+    assert (completion.reasoning, completion.text) == (sampled.strip(), "")
 
 
 def test_local_eos_ends_with_stop_and_is_not_text(tiny_model, tokenizer):

@@ -31,7 +31,7 @@ def test_rl_graded_response_equals_eval_graded_response(tokenizer):
   _, rl_answers = loop.decode_rollouts(tokenizer, completion, lengths, finished)
   # The eval and serve path: LocalBackend turns the same sampler output into a Completion.
   backend = local.LocalBackend(params={}, model_config=None, tokenizer=tokenizer, max_prompt_len=8)
-  eval_answers = [backend._completion(completion[i], int(lengths[i]), bool(finished[i]), 0, ()).text
+  eval_answers = [backend._completion(completion[i], int(lengths[i]), bool(finished[i]), 0, (), False).text
                   for i in range(len(rows))]
   assert rl_answers == eval_answers
   assert rl_answers == ["Drink water and rest.", "At a high level: [REDACTED: detail].", ""]

@@ -4,12 +4,17 @@ fields of the same request unstreamed, with an engine that reports progress and 
 import json
 
 import httpx
+import jax
 import pytest
 
 from safe_completion.backends import base
+from safe_completion.backends import local
 from safe_completion.backends import serve
+from safe_completion.backends import serve_engine
 from safe_completion.data import chat
+from safe_completion.models import transformer
 from tests import scripted_server
+from tests.scripted_server import opening_tokenizer
 
 RAW = ("<think>\nThe request is about home canning; nothing in it seeks harm, so a direct answer.\n</think>\n\n"
        "Discard it unopened: a bulging lid can mean botulism.\n1. Bag the jar.\n2. Wash your hands.")
@@ -78,9 +83,9 @@ class ScriptedBackend:
              for _ in range(params.n)] for _ in conversations]
 
 
-def streamed_and_whole(url: str) -> tuple[list[dict], dict]:
+def streamed_and_whole(url: str, **sampling) -> tuple[list[dict], dict]:
   body = {"model": "scripted", "messages": [{"role": "user", "content": "My jar lid bulges. Safe to eat?"}],
-          "max_tokens": 200}
+          "max_tokens": 200, **sampling}
   whole = httpx.post(f"{url}/chat/completions", json=body, timeout=30).json()["choices"][0]
   deltas = []
   with httpx.stream("POST", f"{url}/chat/completions", json={**body, "stream": True}, timeout=30) as response:
@@ -103,3 +108,18 @@ def test_streamed_reasoning_and_content_add_up_to_the_unstreamed_message(backend
   assert deltas[-1]["finish_reason"] == whole["finish_reason"] == "stop"
   if isinstance(backend, ScriptedEngine):  # Really streamed: several deltas of each part.
     assert len(reasoning) >= 3 and len(content) >= 3
+
+
+def test_a_chat_template_that_opens_the_block_streams_reasoning_only():
+  """A real engine whose chat template opens the reasoning block in the prompt: a completion cut inside the
+  block is all reasoning, streamed or not, and has no answer."""
+  tokenizer = opening_tokenizer()
+  config = transformer.ModelConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=128)
+  backend = local.LocalBackend(transformer.init_params(config, jax.random.key(0)), config, tokenizer,
+                               max_prompt_len=48, batch_size=1, model_id="scripted")
+  with scripted_server.in_thread(serve.make_app(serve_engine.ServeEngine(backend, chunk_tokens=2))) as url:
+    deltas, whole = streamed_and_whole(url, max_tokens=8, temperature=0.0)
+  assert whole["message"]["content"] == "" and whole["message"]["reasoning_content"]
+  assert "".join(d["delta"].get("reasoning_content", "") for d in deltas) == whole["message"]["reasoning_content"]
+  assert not any(d["delta"].get("content") for d in deltas)

@@ -78,6 +78,7 @@ class LocalBackend:
                params: base.SamplingParams) -> list[list[base.Completion]]:
     prompts = self.encode(conversations)
     rows = [prompt for prompt in prompts for _ in range(params.n)]
+    opened = [chat.prompt_opens_reasoning(self.tokenizer, prompt) for prompt in prompts for _ in range(params.n)]
     config = self.sampling_config(params)
     seed = params.seed if params.seed is not None else random.getrandbits(31)
     rng = jax.random.key(seed)
@@ -88,7 +89,7 @@ class LocalBackend:
         out = self.sample(chunk, config, jax.random.fold_in(rng, b))
         for r, prompt in enumerate(chunk):
           flat.append(self._completion(out.tokens[r], int(out.lengths[r]), bool(out.finished[r]), len(prompt),
-                                       params.stop))
+                                       params.stop, opened[start + r]))
     return [flat[i * params.n:(i + 1) * params.n] for i in range(len(conversations))]
 
   def sample(self, prompts: Sequence[Sequence[int]], config: sampling.SamplingConfig,
@@ -102,7 +103,7 @@ class LocalBackend:
       return parallel.to_host(sampling.sample(self.params, self.model_config, tokens, mask, rng, config))
 
   def _completion(self, tokens: np.ndarray, length: int, finished: bool, prompt_tokens: int,
-                  stop: Sequence[str]) -> base.Completion:
-    return base.sampled_completion(chat.decode_completion(self.tokenizer, tokens, length, finished),
+                  stop: Sequence[str], opened: bool) -> base.Completion:
+    return base.sampled_completion(chat.decode_completion(self.tokenizer, tokens, length, finished, opened),
                                    finished=finished, stop=stop, prompt_tokens=prompt_tokens,
                                    completion_tokens=length)

@@ -151,6 +151,7 @@ class ServeEngine:
 
   def _batch(self, prompt, rows, first_choice, params, rng, deadline, cancel, on_progress) -> list[base.Completion]:
     tokens, mask = self.backend.left_pad([prompt] * rows)
+    opened = chat.prompt_opens_reasoning(self.backend.tokenizer, prompt)
     out_len = bucket(params.max_tokens, self.min_bucket)
     temperature, top_p = jnp.float32(params.temperature), jnp.float32(params.top_p)
     limit = jnp.int32(params.max_tokens)
@@ -158,7 +159,7 @@ class ServeEngine:
                           cache_len=tokens.shape[1] + out_len - 1, out_len=out_len)
     while True:
       step, done, ids, lengths = jax.device_get((state["step"], state["done"], state["tokens"], state["lengths"]))
-      texts = [chat.decode_completion(self.backend.tokenizer, ids[r], int(lengths[r]), bool(done[r]))
+      texts = [chat.decode_completion(self.backend.tokenizer, ids[r], int(lengths[r]), bool(done[r]), opened)
                for r in range(rows)]
       if on_progress is not None:
         for r, text in enumerate(texts):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 REASONING_OPEN, REASONING_CLOSE = "<think>", "</think>"
+_PROMPT_TAIL_TOKENS = 16  # Enough for the opening tag and the whitespace after it, in any tokenizer.
 
 
 def assistant_content(cot: str, answer: str) -> str:
@@ -36,17 +37,29 @@ def split_reasoning(text: str) -> tuple[str, str]:
   return text[start + len(REASONING_OPEN):end].strip(), text[end + len(REASONING_CLOSE):].strip()
 
 
-def decode_completion(tokenizer, tokens: Sequence[int], length: int, finished: bool) -> str:
+def decode_completion(tokenizer, tokens: Sequence[int], length: int, finished: bool, opened: bool = False) -> str:
   """The text of a sampled completion: the one decoding used by RL rollouts, eval and `serve`.
 
   `tokens[:length]` are the sampled ids; when `finished`, the last is the EOS,
   which is not text. Special tokens are dropped except the reasoning tags
   (special tokens in the shipped tokenizer), so `split_reasoning` sees the block.
+  `opened`: the prompt opened the reasoning block (`prompt_opens_reasoning`); the text
+  then starts with the opening tag, so it splits as a completion that opened it itself
+  (one that never closes it has no answer, not its reasoning as the answer).
   """
   ids = [int(i) for i in tokens[:length - 1 if finished else length]]
   keep = set(tokenizer.convert_tokens_to_ids([REASONING_OPEN, REASONING_CLOSE])) - {tokenizer.unk_token_id}
   special = set(tokenizer.all_special_ids) - keep
-  return tokenizer.decode([i for i in ids if i not in special], skip_special_tokens=False)
+  text = tokenizer.decode([i for i in ids if i not in special], skip_special_tokens=False)
+  return REASONING_OPEN + text if opened else text
+
+
+def prompt_opens_reasoning(tokenizer, prompt: Sequence[int]) -> bool:
+  """Whether a chat prompt ends inside an opened reasoning block: the chat templates of some reasoning
+  models (DeepSeek-R1 distills, for one) end the generation prompt with `<think>`, so the completion
+  starts inside the block and only closes it."""
+  tail = tokenizer.decode([int(i) for i in prompt[-_PROMPT_TAIL_TOKENS:]], skip_special_tokens=False)
+  return tail.rstrip().endswith(REASONING_OPEN)
 
 
 def reached_answer(text: str, finished: bool) -> bool:
