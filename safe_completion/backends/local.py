@@ -78,7 +78,7 @@ class LocalBackend:
                params: base.SamplingParams) -> list[list[base.Completion]]:
     prompts = self.encode(conversations)
     rows = [prompt for prompt in prompts for _ in range(params.n)]
-    opened = [chat.prompt_opens_reasoning(self.tokenizer, prompt) for prompt in prompts for _ in range(params.n)]
+    opened = [chat.prompt_opens_reasoning(self.tokenizer, prompt) for prompt in prompts]
     config = self.sampling_config(params)
     seed = params.seed if params.seed is not None else random.getrandbits(31)
     rng = jax.random.key(seed)
@@ -89,7 +89,7 @@ class LocalBackend:
         out = self.sample(chunk, config, jax.random.fold_in(rng, b))
         for r, prompt in enumerate(chunk):
           flat.append(self._completion(out.tokens[r], int(out.lengths[r]), bool(out.finished[r]), len(prompt),
-                                       params.stop, opened[start + r]))
+                                       params.stop, opened[(start + r) // params.n]))
     return [flat[i * params.n:(i + 1) * params.n] for i in range(len(conversations))]
 
   def sample(self, prompts: Sequence[Sequence[int]], config: sampling.SamplingConfig,

@@ -341,10 +341,9 @@ def streamed_chat_parts(text: str) -> tuple[str, str] | None:
   body = text.lstrip()
   if not body.startswith(opening):
     return None if opening.startswith(body) else ("", body.rstrip())
+  if closing in body:
+    return chat_lib.split_reasoning(body)
   reasoning = body[len(opening):]
-  end = reasoning.find(closing)
-  if end != -1:
-    return reasoning[:end].strip(), reasoning[end + len(closing):].strip()
   for keep in range(min(len(closing) - 1, len(reasoning)), 0, -1):  # A tag still arriving is held back.
     if closing.startswith(reasoning[-keep:]):
       reasoning = reasoning[:-keep]
