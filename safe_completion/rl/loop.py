@@ -73,12 +73,19 @@ def train_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, completion: 
   }
 
 
-def decode_rollouts(tokenizer, completion: np.ndarray, lengths: np.ndarray,
+def decode_rollouts(tokenizer, prompt_tokens: np.ndarray, completion: np.ndarray, lengths: np.ndarray,
                     finished: np.ndarray) -> tuple[list[str], list[str]]:
   """Rollout texts and the answers the grader sees, decoded and split exactly as eval and `serve` do
-  (`chat.decode_completion`, then the reasoning block split off)."""
-  texts = [chat.decode_completion(tokenizer, row, int(n), bool(done))
-           for row, n, done in zip(completion, lengths, finished)]
+  (`chat.decode_completion`, then the reasoning block split off). `prompt_tokens` [N, P] (left-padded)
+  say whether the chat template opened the reasoning block (`chat.prompt_opens_reasoning`): such a
+  rollout starts inside it, so one cut off while thinking has no answer, as in eval."""
+  opened = {}
+  texts = []
+  for prompt, row, n, done in zip(prompt_tokens, completion, lengths, finished):
+    key = prompt.tobytes()  # The k rollouts of a prompt share its tokens: one check per prompt.
+    if key not in opened:
+      opened[key] = chat.prompt_opens_reasoning(tokenizer, prompt)
+    texts.append(chat.decode_completion(tokenizer, row, int(n), bool(done), opened[key]))
   return texts, [chat.split_reasoning(text)[1] for text in texts]
 
 
@@ -204,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       timings["time/sample"] = time.perf_counter() - started
 
       started = time.perf_counter()
-      texts, answers = decode_rollouts(tokenizer, completion, lengths, finished)
+      texts, answers = decode_rollouts(tokenizer, prompt_tokens, completion, lengths, finished)
       expanded = [p for p in step_prompts for _ in range(k)]
       requests = [graders_base.GradeRequest(prompt=p.messages, response=a, category=p.category,
                                             prompt_id=p.id) for p, a in zip(expanded, answers)]
