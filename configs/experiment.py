@@ -135,6 +135,7 @@ def real_config(name: str, runlocal: bool, lora: bool = False) -> mlc.ConfigDict
   config.sft = sft.get_config(stage_preset)
   config.sft.init.hf_dir = ""  # The base model's HF directory (config.json + safetensors): required.
   config.sft.export_architecture = REAL[name]["architecture"]
+  config.sft.export_dtype = "bfloat16"  # The float32 master weights exported at vLLM's serving dtype.
   config.rl = rl.get_config(stage_preset)
   config.rl.grader = judge()
   config.eval = eval_config.get_config("endpoint")

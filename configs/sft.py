@@ -73,6 +73,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.eval_every = 1
   config.export_hf_dir = ""  # Set to write the final model as an HF directory (for vLLM).
   config.export_architecture = "LlamaForCausalLM"
+  config.export_dtype = ""  # Empty: the params' dtype; "bfloat16" halves a float32 run's export (vLLM's dtype).
   common.override(config, {**PRESETS[name], **variant})
   if runlocal:  # Tiny sizes, but a variant's numerics stay: `,lora,runlocal` runs its bfloat16 frozen base.
     common.override(config, {**RUNLOCAL, "model": common.runlocal_model(config.model),

@@ -257,8 +257,9 @@ def _evaluate(eval_config: ml_collections.ConfigDict, checkpoint_dir: str, out_d
   return evaluate.evaluate_model(eval_config, out_dir, evaluate.make_backend(eval_config.model), grader)
 
 
-def export_model(rl_config: ml_collections.ConfigDict, rl_dir: str, out_dir: str, architecture: str) -> None:
-  """The latest checkpoint of `rl_dir` as an HF directory of `architecture`, in the params' dtype.
+def export_model(rl_config: ml_collections.ConfigDict, rl_dir: str, out_dir: str, architecture: str,
+                 dtype: str = "") -> None:
+  """The latest checkpoint of `rl_dir` as an HF directory of `architecture`, in the params' dtype or `dtype`.
 
   Restored onto the RL stage's mesh; written beside `out_dir` and renamed when complete, so an export
   killed halfway is redone, never mistaken for a finished one.
@@ -273,7 +274,8 @@ def export_model(rl_config: ml_collections.ConfigDict, rl_dir: str, out_dir: str
   if jax.process_index() == 0:
     partial = out_dir + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    convert.export_hf(host_params, model_config, partial, architecture=architecture, tokenizer=tokenizer)
+    convert.export_hf(host_params, model_config, partial, architecture=architecture, tokenizer=tokenizer,
+                      dtype=dtype)
     os.replace(partial, out_dir)
 
 
@@ -314,7 +316,7 @@ def _train_arm_seed(config: ml_collections.ConfigDict, workdir: str, arm: str, s
   if config.get("export_hf"):
     export_dir = os.path.join(run_dir, "export")
     timer.stage(f"{arm}/seed_{seed_index}/export", os.path.isdir(export_dir), export_model, rl_config, rl_dir,
-                export_dir, config.sft.export_architecture)
+                export_dir, config.sft.export_architecture, config.sft.export_dtype)
   return run_dir, results
 
 

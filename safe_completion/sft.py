@@ -123,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     host_params = parallel.to_host(params)  # A collective: every process takes part.
     if jax.process_index() == 0:
       convert.export_hf(host_params, model_config, config.export_hf_dir, architecture=config.export_architecture,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, dtype=config.export_dtype)
   return last
 
 

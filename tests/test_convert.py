@@ -144,6 +144,23 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     torch.testing.assert_close(exported.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_float32_params_export_cast_to_the_requested_dtype(tmp_path):
+  model = _random_hf_model(*FAMILIES["llama3_rope"])
+  model.save_pretrained(tmp_path / "f32", safe_serialization=True)
+  params, config = convert.load_hf_checkpoint(tmp_path / "f32")
+  assert params["embedding"].dtype == np.float32
+  convert.export_hf(params, config, tmp_path / "bf16", architecture="LlamaForCausalLM", dtype="bfloat16")
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+  exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+  assert exported.dtype == torch.bfloat16
+  for name, tensor in model.state_dict().items():  # Each weight is its float32 value rounded to bfloat16.
+    assert torch.equal(exported.state_dict()[name], tensor.to(torch.bfloat16)), name
+  assert os.path.getsize(tmp_path / "bf16" / convert.SINGLE_FILE) < 0.6 * os.path.getsize(
+      tmp_path / "f32" / convert.SINGLE_FILE)
+  with pytest.raises(convert.CheckpointError, match="export dtype 'int8'"):
+    convert.export_hf(params, config, tmp_path / "bad", architecture="LlamaForCausalLM", dtype="int8")
+
+
 def test_bfloat16_checkpoint_loads_and_exports_in_bfloat16(tmp_path):
   model = _random_hf_model(*FAMILIES["qwen2_untied"]).to(torch.bfloat16)
   model.save_pretrained(tmp_path / "bf16", safe_serialization=True)

@@ -235,8 +235,9 @@ def test_runlocal_shrinks_a_real_preset_but_keeps_the_pod_path(preset):
   assert local.sft.model.hidden_size < real.sft.model.hidden_size
   for section in ("sft.model.dtype", "sft.model.param_dtype", "sft.model.remat_policy", "rl.model.remat_policy",
                   "sft.mesh.shape", "rl.mesh.shape", "teacher.kind", "datagen.judge.kind", "rl.grader.kind",
-                  "eval.grader.kind", "export_hf", "sft.export_architecture", "sft.init.hf_dir"):
+                  "eval.grader.kind", "export_hf", "sft.export_architecture", "sft.export_dtype", "sft.init.hf_dir"):
     assert local[section] == real[section], section
+  assert real.sft.export_dtype == "bfloat16"  # float32 master weights, exported at the dtype vLLM serves.
   assert (local.sft.model.dtype, local.sft.model.param_dtype, local.sft.mesh.shape) == ("bfloat16", "float32",
                                                                                         (1, -1, 1))
   assert local.sft.optimizer.grad_accum_steps > 1 and local.export_hf and local.teacher.kind == "http"

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 
 import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors import safe_open
@@ -469,11 +470,16 @@ def _check_expressible(config: ModelConfig, fields: dict, architecture: str):
     raise CheckpointError(f"{architecture} cannot express this model config: " + ", ".join(diffs))
 
 
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def export_hf(params: Mapping, config: ModelConfig, out_dir: PathLike, *, architecture: str, tokenizer=None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, hf_config_overrides: Mapping | None = None) -> None:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, hf_config_overrides: Mapping | None = None,
+              dtype: str = "") -> None:
   """Writes an HF checkpoint (config.json, safetensors, tokenizer if given) that transformers/vLLM load.
 
-  Tensors keep the dtype of `params`. Above `max_shard_bytes` the weights are
+  Tensors keep the dtype of `params`, or are cast to `dtype` (one of EXPORT_DTYPES): float32 master
+  weights exported as bfloat16 are what vLLM serves, at half the size. Above `max_shard_bytes` the weights are
   split into `model-0000k-of-0000n.safetensors` shards with an index.
   `hf_config_overrides` adds HF-only fields (e.g. `eos_token_id`); bos/eos/pad
   ids default to the tokenizer's.
@@ -484,7 +490,11 @@ def export_hf(params: Mapping, config: ModelConfig, out_dir: PathLike, *, archit
     if len(tokenizer) > config.vocab_size:
       raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={config.vocab_size}")
     extra = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+  if dtype and dtype not in EXPORT_DTYPES:
+    raise CheckpointError(f"export dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}")
   flat = {path: np.asarray(jax.device_get(x)) for path, x in flax.traverse_util.flatten_dict(dict(params)).items()}
+  if dtype:
+    flat = {path: x.astype(jnp.dtype(dtype)) for path, x in flat.items()}
   _check_param_shapes(flat, config)
   extra["dtype"] = str(flat[("embedding",)].dtype)
   fields = hf_config_dict(config, architecture, **{**extra, **(hf_config_overrides or {})})
