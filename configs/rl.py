@@ -68,7 +68,7 @@ PRESETS = {
 LORA = {**common.LORA, "model.remat_policy": "full", "rl.prompts_per_step": 4, "rl.minibatches": 2,
         "optimizer.learning_rate": 1e-5}
 # The policy comes from the SFT workdir (an SFT `runlocal` run is the matching small model).
-RUNLOCAL = {"model.remat_policy": "none", "mesh.shape": (-1, 1, 1), "rl.prompts_per_step": 2,
+RUNLOCAL = {"model.remat_policy": "none", "mesh.shape": (-1, 1, 1), "rl.prompts_per_step": 4,
             "rl.samples_per_prompt": 2, "rl.minibatches": 1, "rl.max_new_tokens": 8, "rl.max_prompt_len": 256,
             "num_steps": 2, "optimizer.warmup_steps": 1, "checkpoint.async_save": False}
 

@@ -105,6 +105,15 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(axes))
 
 
+def check_batch_split(mesh: jax.sharding.Mesh, rows: int, field: str) -> None:
+  """Raises naming `field` when a global batch of `rows` cannot be split evenly over the batch axes: at
+  start-up, not when the first batch is placed after the model is loaded and compiled."""
+  split = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+  if rows % split:
+    raise ValueError(f"{field}={rows} is not divisible by the mesh's batch axes (data x fsdp = {split}); "
+                     "change it or config.mesh.shape")
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -67,6 +67,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   training.save_config(config, workdir)
   mesh = parallel.mesh_from_config(config)
+  parallel.check_batch_split(mesh, config.batch_size, "config.batch_size")
   rules = parallel.rules_from_config(config)
   model_config = model_config_from(config)
   tokenizer = sft_data.load_tokenizer(config)

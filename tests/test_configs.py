@@ -18,6 +18,7 @@ from safe_completion import config_checks
 from safe_completion import metrics
 from safe_completion import parallel
 from safe_completion import sft as sft_trainer
+from safe_completion.rl import loop as rl_trainer
 
 PRESETS = [(sft, "tiny"), (sft, "llama3_8b"), (sft, "qwen2_7b"), (sft, "gemma_2b"), (rl, "tiny"), (rl, "llama3_8b"),
            (rl, "gemma_2b"), (reward_model, "tiny"), (reward_model, "finetune"), (datagen, "tiny"),
@@ -62,6 +63,28 @@ def test_main_refuses_a_bad_config_before_training(tmp_path):
   assert result.returncode != 0
   assert "config.batch_size=0 must be > 0" in result.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    (sft_trainer, {"batch_size": 4}, r"^config.batch_size=4 is not divisible by the mesh's batch axes \(data x fsdp = 8\)"),
+    (rl_trainer, {"rl.prompts_per_step": 1, "rl.samples_per_prompt": 2},
+     r"^config.rl.prompts_per_step x rl.samples_per_prompt \(rollouts per step\)=2 is not divisible"),
+    (rl_trainer, {"rl.minibatches": 3}, r"^config.rl.minibatches=3 does not divide the 32 rollouts"),
+    (rl_trainer, {"rl.minibatches": 8}, r"^rollouts per step / config.rl.minibatches \(update rows\)=4 is not divisible"),
+])
+def test_a_batch_the_mesh_cannot_split_is_refused_at_start_up(stage, overrides, message, tmp_path):
+  config = (sft if stage is sft_trainer else rl).get_config("tiny")  # mesh (-1, 1, 1): data = the 8 devices.
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(ValueError, match=message):  # Before any model is built or loaded.
+    stage.train(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny,runlocal", "llama3_8b,runlocal", "gemma_2b,lora,runlocal"])
+def test_rl_runlocal_splits_over_the_eight_test_devices(preset):
+  config = rl.get_config(preset)
+  parallel.check_batch_split(parallel.mesh_from_config(config),
+                             config.rl.prompts_per_step * config.rl.samples_per_prompt // config.rl.minibatches, preset)
 
 
 def test_runlocal_shrinks_a_real_preset_but_keeps_its_model_family():

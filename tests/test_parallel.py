@@ -64,6 +64,13 @@ def test_batch_is_split_over_data_and_fsdp():
   assert batch["tokens"].addressable_shards[0].data.shape == (2, 5)
 
 
+def test_a_batch_the_batch_axes_cannot_split_names_its_field():
+  mesh = parallel.make_mesh((2, 2, 2))  # data x fsdp = 4 ways; tensor does not split the batch.
+  parallel.check_batch_split(mesh, 8, "config.batch_size")
+  with pytest.raises(ValueError, match=r"^config.batch_size=6 is not divisible by the mesh's batch axes \(data x fsdp = 4\)"):
+    parallel.check_batch_split(mesh, 6, "config.batch_size")
+
+
 def test_mesh_shape_errors_are_clear():
   assert parallel.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
   with pytest.raises(ValueError, match="does not divide"):

@@ -142,6 +142,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.mesh_from_config(config)
   rules = parallel.rules_from_config(config)
   rl = config.rl
+  rows = rl.prompts_per_step * rl.samples_per_prompt
+  parallel.check_batch_split(mesh, rows, "config.rl.prompts_per_step x rl.samples_per_prompt (rollouts per step)")
+  if rows % rl.minibatches:
+    raise ValueError(f"config.rl.minibatches={rl.minibatches} does not divide the {rows} rollouts per step")
+  parallel.check_batch_split(mesh, rows // rl.minibatches, "rollouts per step / config.rl.minibatches (update rows)")
   model_config = checkpoint.read_model_config(config.init.sft_workdir, remat_policy=config.model.remat_policy)
   param_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
   ref_params, model_config, tokenizer = checkpoint.load_model(
