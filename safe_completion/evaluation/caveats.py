@@ -244,8 +244,10 @@ def _completion_rate(meta: Mapping[str, Any]) -> list[str]:
   if not rates:
     return []
   return (["## Completion rate", "",
-           "Fraction of completions that close the reasoning block and give a final answer within "
-           f"their token budget (target >= {MIN_COMPLETION_RATE}).", ""]
+           "Fraction of completions that give a final answer within their token budget (target >= "
+           f"{MIN_COMPLETION_RATE}). RL rollouts: the reasoning block closed and a non-empty answer after it "
+           "(the others pay the truncation penalty). eval: the model stopped with a non-empty answer; one that "
+           "never closes its reasoning block has none, one without a block counts.", ""]
           + table(["Arm", "RL rollouts", "eval"], [
               [arm, _num(r.get("rl_rollouts")), _num(r.get("eval"))] for arm, r in rates.items()]))
 
