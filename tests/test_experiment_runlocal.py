@@ -22,6 +22,8 @@ import sys
 
 import fastapi
 import httpx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -210,9 +212,12 @@ def test_exported_arms_load_in_transformers_and_match_our_logits(pod_run):
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()(torch.from_numpy(tokens).long())
   for arm in ARMS:
     export_dir = workdir / arm / "seed_0" / "export"
-    exported = transformers.AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=torch.float32).eval()
+    assert json.loads((export_dir / "config.json").read_text())["dtype"] == "bfloat16"  # The preset's export_dtype.
+    exported = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     params, model_config, _ = checkpoint.load_model(str(workdir / arm / "seed_0" / "rl"))
-    model_config = dataclasses.replace(model_config, dtype="float32")  # The same weights, computed in float32.
+    # The same weights as exported (the float32 masters rounded to bfloat16), computed in float32.
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+    model_config = dataclasses.replace(model_config, dtype="float32")
     ours = transformer.forward(params, model_config, tokens, np.arange(tokens.shape[1])[None], np.ones_like(tokens))
     with torch.no_grad():
       theirs = exported(torch.from_numpy(tokens).long()).logits.numpy()
