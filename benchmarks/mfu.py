@@ -204,7 +204,7 @@ def bench_rl(args, config, model_config, mesh, rules, peaks) -> dict:
 
 def bench_sample(args, config, model_config, mesh, rules, peaks) -> dict:
   del peaks  # Decode is bound by memory, not FLOPs: reported as tokens/s and weight bytes/s.
-  param_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
+  param_shardings = training.param_shardings(model_config, mesh, rules)
   params = training.initial_params(model_config, param_shardings, seed=0)  # As stored: param_dtype.
   rng = np.random.default_rng(2)
   prompts = rng.integers(0, model_config.vocab_size, size=(args.sample_batch, args.prompt_len), dtype=np.int32)

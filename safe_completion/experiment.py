@@ -37,6 +37,7 @@ from safe_completion import parallel
 from safe_completion import reward_training
 from safe_completion import sft
 from safe_completion import taxonomy
+from safe_completion import training
 from safe_completion.data import records
 from safe_completion.evaluation import compare
 from safe_completion.evaluation import evaluate
@@ -267,8 +268,7 @@ def export_model(rl_config: ml_collections.ConfigDict, rl_dir: str, out_dir: str
   from safe_completion.models import convert
   mesh = parallel.mesh_from_config(rl_config)
   model_config = checkpoint.read_model_config(rl_dir)
-  shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh,
-                                            parallel.rules_from_config(rl_config))
+  shardings = training.param_shardings(model_config, mesh, parallel.rules_from_config(rl_config))
   params, model_config, tokenizer = checkpoint.load_model(rl_dir, shardings)
   host_params = parallel.to_host(params)  # A collective: every process takes part.
   if jax.process_index() == 0:

@@ -148,6 +148,15 @@ def checkpoint_manager(config: ml_collections.ConfigDict, workdir: str) -> ocp.C
                             async_save=config.checkpoint.async_save)
 
 
+def param_shardings(model_config: transformer.ModelConfig, mesh: jax.sharding.Mesh, rules) -> Any:
+  """NamedShardings of the model's params by the logical `rules`; a param dimension the mesh cannot
+  split evenly is an error naming the param, before anything is loaded or allocated."""
+  shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
+  shapes = jax.eval_shape(lambda rng: transformer.init_params(model_config, rng), jax.random.key(0))
+  parallel.check_divisible(shapes, shardings)
+  return shardings
+
+
 def state_shardings(model_config: transformer.ModelConfig, optimizer: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, rules,
                     lora_config: lora.LoraConfig | None = None) -> tuple[State, State]:
@@ -156,20 +165,20 @@ def state_shardings(model_config: transformer.ModelConfig, optimizer: optax.Grad
   With `lora_config` the params are the adapters; the abstract state is what a
   checkpoint holds (no base) and the shardings add the base's as `"base"`.
   """
-  base_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
+  base_shardings = param_shardings(model_config, mesh, rules)
   if lora_config is None:
     param_shapes = jax.eval_shape(lambda r: transformer.init_params(model_config, r), jax.random.key(0))
-    param_shardings = base_shardings
+    adapted_shardings = base_shardings
   else:
     param_shapes = jax.eval_shape(functools.partial(lora.init_adapters, model_config, lora_config), jax.random.key(0))
-    param_shardings = parallel.logical_to_shardings(lora.logical_adapter_specs(model_config, lora_config), mesh,
-                                                    rules)
-  parallel.check_divisible(param_shapes, param_shardings)
+    adapted_shardings = parallel.logical_to_shardings(lora.logical_adapter_specs(model_config, lora_config), mesh,
+                                                      rules)
+    parallel.check_divisible(param_shapes, adapted_shardings)
   replicated = parallel.replicated(mesh)
   opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
-  opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes, param_shardings,
+  opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes, adapted_shardings,
                                         transform_non_params=lambda _: replicated)
-  shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+  shardings = {"params": adapted_shardings, "opt_state": opt_shardings, "step": replicated}
   shapes = {"params": param_shapes, "opt_state": opt_shapes, "step": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
   if lora_config is not None:

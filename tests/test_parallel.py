@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from safe_completion import parallel
+from safe_completion import training
 from safe_completion.models import transformer
 
 P = jax.sharding.PartitionSpec
@@ -79,6 +80,16 @@ def test_mesh_shape_errors_are_clear():
     parallel.resolve_mesh_shape((3, 2, 1), 8)
   with pytest.raises(ValueError, match="at most one"):
     parallel.resolve_mesh_shape((-1, -1, 1), 8)
+
+
+def test_param_shardings_refuse_a_mesh_that_cannot_split_a_param():
+  # The one entry point of RL's reference load, the export and `serve` onto a mesh.
+  config = transformer.ModelConfig(vocab_size=100, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                                   head_dim=16, mlp_dim=128)
+  shardings = training.param_shardings(config, parallel.make_mesh((1, 4, 2)), parallel.DEFAULT_RULES)
+  assert dict(shardings["embedding"].mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+  with pytest.raises(ValueError, match=r"\['embedding'\].*100"):
+    training.param_shardings(config, parallel.make_mesh((1, 1, 8)), parallel.DEFAULT_RULES)
 
 
 def test_indivisible_param_dimension_names_the_param():

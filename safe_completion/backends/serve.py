@@ -395,9 +395,9 @@ def load_local_backend(*, model_dir: str | None, checkpoint_dir: str | None, max
 
   from safe_completion import checkpoint
   from safe_completion import parallel
+  from safe_completion import training
   from safe_completion.backends import local
   from safe_completion.models import convert
-  from safe_completion.models import transformer
 
   if (model_dir is None) == (checkpoint_dir is None):
     raise ValueError("pass exactly one of --model_dir (HF safetensors) and --checkpoint_dir (a training workdir)")
@@ -406,9 +406,7 @@ def load_local_backend(*, model_dir: str | None, checkpoint_dir: str | None, max
                   else checkpoint.read_model_config(checkpoint_dir))
   shardings = None
   if mesh is not None:
-    shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
-    shapes = jax.eval_shape(lambda rng: transformer.init_params(model_config, rng), jax.random.key(0))
-    parallel.check_divisible(shapes, shardings)  # An error naming the param, before anything loads.
+    shardings = training.param_shardings(model_config, mesh, rules)  # Checked: an error names the param.
   if model_dir is not None:
     params = convert.load_hf_params(model_dir, model_config)
     params = params if shardings is None else jax.device_put(params, shardings)

@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config.rl.minibatches={rl.minibatches} does not divide the {rows} rollouts per step")
   parallel.check_batch_split(mesh, rows // rl.minibatches, "rollouts per step / config.rl.minibatches (update rows)")
   model_config = checkpoint.read_model_config(config.init.sft_workdir, remat_policy=config.model.remat_policy)
-  param_shardings = parallel.logical_to_shardings(transformer.logical_param_specs(model_config), mesh, rules)
+  param_shardings = training.param_shardings(model_config, mesh, rules)
   ref_params, model_config, tokenizer = checkpoint.load_model(
       config.init.sft_workdir, param_shardings, remat_policy=config.model.remat_policy)
 
