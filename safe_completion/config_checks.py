@@ -14,6 +14,7 @@ import ml_collections
 from safe_completion import lora
 from safe_completion import taxonomy
 from safe_completion.graders import factory
+from safe_completion.models import convert
 
 # Section kinds that talk to an OpenAI-compatible endpoint: the HTTP teacher, an eval model behind an endpoint,
 # and the endpoint grader kinds.
@@ -62,12 +63,17 @@ def _lora_targets(value: Any) -> str | None:
   return None
 
 
+def _export_dtype(value: Any) -> str | None:
+  # Checked here too: `convert.export_hf` would refuse it only after the whole run has trained.
+  return None if value in ("", *convert.EXPORT_DTYPES) else f"is not one of {['', *convert.EXPORT_DTYPES]}"
+
+
 _TRAINING = {"num_steps": _positive, "checkpoint.every_steps": _positive, "checkpoint.keep": _keep,
              "optimizer.learning_rate": _learning_rate, "optimizer.grad_accum_steps": _positive,
              "lora.rank": _lora_rank, "lora.alpha": _lora_alpha, "lora.target_modules": _lora_targets}
 CHECKS = {
     "sft": {**_TRAINING, "batch_size": _positive, "data.seq_len": _positive, "data.eval_fraction": _fraction,
-            "data.arm": _arm, "log_every": _positive, "eval_every": _positive},
+            "data.arm": _arm, "log_every": _positive, "eval_every": _positive, "export_dtype": _export_dtype},
     "rl": {**_TRAINING, "rl.prompts_per_step": _positive, "rl.samples_per_prompt": _positive,
            "rl.minibatches": _positive, "rl.epochs": _positive, "rl.max_new_tokens": _positive,
            "rl.max_prompt_len": _positive, "sample_table_every": _positive},

@@ -36,6 +36,7 @@ BAD = [
     (sft, "data.eval_fraction", -0.1), (sft, "checkpoint.every_steps", 0), (sft, "optimizer.learning_rate", -1e-3),
     (sft, "optimizer.learning_rate", float("nan")), (sft, "optimizer.learning_rate", float("inf")),
     (sft, "optimizer.grad_accum_steps", 0), (sft, "data.arm", "safe-completion"), (sft, "checkpoint.keep", 1),
+    (sft, "export_dtype", "bf16"),
     (rl, "num_steps", -3), (rl, "optimizer.learning_rate", float("nan")), (rl, "checkpoint.every_steps", 0),
     (reward_model, "batch_size", -1), (reward_model, "learning_rate", float("inf")),
 ]
