@@ -168,17 +168,17 @@ def state_shardings(model_config: transformer.ModelConfig, optimizer: optax.Grad
   base_shardings = param_shardings(model_config, mesh, rules)
   if lora_config is None:
     param_shapes = jax.eval_shape(lambda r: transformer.init_params(model_config, r), jax.random.key(0))
-    adapted_shardings = base_shardings
+    trained_shardings = base_shardings
   else:
     param_shapes = jax.eval_shape(functools.partial(lora.init_adapters, model_config, lora_config), jax.random.key(0))
-    adapted_shardings = parallel.logical_to_shardings(lora.logical_adapter_specs(model_config, lora_config), mesh,
+    trained_shardings = parallel.logical_to_shardings(lora.logical_adapter_specs(model_config, lora_config), mesh,
                                                       rules)
-    parallel.check_divisible(param_shapes, adapted_shardings)
+    parallel.check_divisible(param_shapes, trained_shardings)
   replicated = parallel.replicated(mesh)
   opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
-  opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes, adapted_shardings,
+  opt_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes, trained_shardings,
                                         transform_non_params=lambda _: replicated)
-  shardings = {"params": adapted_shardings, "opt_state": opt_shardings, "step": replicated}
+  shardings = {"params": trained_shardings, "opt_state": opt_shardings, "step": replicated}
   shapes = {"params": param_shapes, "opt_state": opt_shapes, "step": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
   if lora_config is not None:

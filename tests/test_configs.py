@@ -67,11 +67,13 @@ def test_main_refuses_a_bad_config_before_training(tmp_path):
 
 
 @pytest.mark.parametrize("stage, overrides, message", [
-    (sft_trainer, {"batch_size": 4}, r"^config.batch_size=4 is not divisible by the mesh's batch axes \(data x fsdp = 8\)"),
+    (sft_trainer, {"batch_size": 4},
+     r"^config.batch_size=4 is not divisible by the mesh's batch axes \(data x fsdp = 8\)"),
     (rl_trainer, {"rl.prompts_per_step": 1, "rl.samples_per_prompt": 2},
      r"^config.rl.prompts_per_step x rl.samples_per_prompt \(rollouts per step\)=2 is not divisible"),
     (rl_trainer, {"rl.minibatches": 3}, r"^config.rl.minibatches=3 does not divide the 32 rollouts"),
-    (rl_trainer, {"rl.minibatches": 8}, r"^rollouts per step / config.rl.minibatches \(update rows\)=4 is not divisible"),
+    (rl_trainer, {"rl.minibatches": 8},
+     r"^rollouts per step / config.rl.minibatches \(update rows\)=4 is not divisible"),
 ])
 def test_a_batch_the_mesh_cannot_split_is_refused_at_start_up(stage, overrides, message, tmp_path):
   config = (sft if stage is sft_trainer else rl).get_config("tiny")  # mesh (-1, 1, 1): data = the 8 devices.

@@ -31,10 +31,11 @@ def sampled(tokenizer, texts, finished):
 def rl_and_eval_answers(tokenizer, texts, finished):
   """The answers RL grades (prompt tokens as the loop encodes them) and those LocalBackend returns for eval."""
   completion, lengths = sampled(tokenizer, texts, finished)
-  prompt_tokens, _ = chat.left_pad([chat.encode_prompt(tokenizer, MESSAGES)] * len(texts), 48, tokenizer.pad_token_id)
+  prompt = chat.encode_prompt(tokenizer, MESSAGES)
+  prompt_tokens, _ = chat.left_pad([prompt] * len(texts), 48, tokenizer.pad_token_id)
   _, rl_answers = loop.decode_rollouts(tokenizer, prompt_tokens, completion, lengths, finished)
   backend = local.LocalBackend(params={}, model_config=None, tokenizer=tokenizer, max_prompt_len=8)
-  opened = chat.prompt_opens_reasoning(tokenizer, chat.encode_prompt(tokenizer, MESSAGES))
+  opened = chat.prompt_opens_reasoning(tokenizer, prompt)
   eval_answers = [backend._completion(completion[i], int(lengths[i]), bool(finished[i]), 0, (), opened).text
                   for i in range(len(texts))]
   return rl_answers, eval_answers

@@ -68,7 +68,8 @@ def test_batch_is_split_over_data_and_fsdp():
 def test_a_batch_the_batch_axes_cannot_split_names_its_field():
   mesh = parallel.make_mesh((2, 2, 2))  # data x fsdp = 4 ways; tensor does not split the batch.
   parallel.check_batch_split(mesh, 8, "config.batch_size")
-  with pytest.raises(ValueError, match=r"^config.batch_size=6 is not divisible by the mesh's batch axes \(data x fsdp = 4\)"):
+  with pytest.raises(ValueError,
+                     match=r"^config.batch_size=6 is not divisible by the mesh's batch axes \(data x fsdp = 4\)"):
     parallel.check_batch_split(mesh, 6, "config.batch_size")
 
 

@@ -79,13 +79,8 @@ def decode_rollouts(tokenizer, prompt_tokens: np.ndarray, completion: np.ndarray
   (`chat.decode_completion`, then the reasoning block split off). `prompt_tokens` [N, P] (left-padded)
   say whether the chat template opened the reasoning block (`chat.prompt_opens_reasoning`): such a
   rollout starts inside it, so one cut off while thinking has no answer, as in eval."""
-  opened = {}
-  texts = []
-  for prompt, row, n, done in zip(prompt_tokens, completion, lengths, finished):
-    key = prompt.tobytes()  # The k rollouts of a prompt share its tokens: one check per prompt.
-    if key not in opened:
-      opened[key] = chat.prompt_opens_reasoning(tokenizer, prompt)
-    texts.append(chat.decode_completion(tokenizer, row, int(n), bool(done), opened[key]))
+  texts = [chat.decode_completion(tokenizer, row, int(n), bool(done), chat.prompt_opens_reasoning(tokenizer, prompt))
+           for prompt, row, n, done in zip(prompt_tokens, completion, lengths, finished)]
   return texts, [chat.split_reasoning(text)[1] for text in texts]
 
 
