@@ -24,6 +24,7 @@ matmul rate.
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -71,15 +72,24 @@ from safe_completion import training  # noqa: E402
 from safe_completion.models import transformer  # noqa: E402
 
 
-def timed(fn, repeats: int) -> tuple[list[float], list[float]]:
-  """Wall and process-CPU seconds of each of `repeats` calls of `fn` (which must block until done)."""
-  wall, cpu = [], []
+def timed(fn, repeats: int) -> tuple[list[float], list[float], list[tuple[float, int]]]:
+  """Wall and process-CPU seconds of each of `repeats` calls of `fn` (which must block until done),
+  and each call's kernel CPU seconds and minor page faults (memory the allocator mapped anew)."""
+  wall, cpu, kernel = [], [], []
   for _ in range(repeats):
-    start, start_cpu = time.perf_counter(), time.process_time()
+    usage, start, start_cpu = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.process_time()
     fn()
     wall.append(time.perf_counter() - start)
     cpu.append(time.process_time() - start_cpu)
-  return wall, cpu
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    kernel.append((after.ru_stime - usage.ru_stime, after.ru_minflt - usage.ru_minflt))
+  return wall, cpu, kernel
+
+
+def preloaded_allocator() -> str:
+  """The malloc library named in LD_PRELOAD (tcmalloc, jemalloc, ...), else glibc's."""
+  names = [os.path.basename(p) for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()]
+  return ", ".join(n for n in names if "malloc" in n) or "glibc malloc"
 
 
 def host_batch(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
@@ -181,6 +191,7 @@ def main():
 
   times = {"ours": [], "torch": [], "jax_mm": [], "torch_mm": []}
   cpu_times = {k: [] for k in times}
+  kernel_times = {k: [] for k in times}
   runs = [("jax_mm", jax_mm, 5), ("ours", ours, ARGS.steps)]
   if theirs is not None:
     runs += [("torch_mm", torch_mm, 5), ("torch", theirs, ARGS.steps)]
@@ -189,9 +200,10 @@ def main():
   for _ in range(ARGS.rounds):
     medians = {}
     for name, fn, repeats in runs:
-      wall, cpu = timed(fn, repeats)
+      wall, cpu, kernel = timed(fn, repeats)
       times[name] += wall
       cpu_times[name] += cpu
+      kernel_times[name] += kernel
       medians[name] = (statistics.median(wall), statistics.median(cpu))
     if theirs is not None:
       per_round.append((medians["torch"][0] / medians["ours"][0], medians["torch"][1] / medians["ours"][1]))
@@ -203,7 +215,8 @@ def main():
   peak = max(peaks.values())
   cpu_peak = max(mm_flops / cpu_med[k] for k in ("jax_mm", "torch_mm") if k in cpu_med)  # FLOP per CPU-s.
 
-  print(f"device: {jax.devices()[0].device_kind}, {ARGS.threads} threads (torch), XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+  print(f"device: {jax.devices()[0].device_kind}, {ARGS.threads} threads (torch), XLA_FLAGS={os.environ['XLA_FLAGS']!r}, "
+        f"allocator: {preloaded_allocator()}")
   quiet = load_before < 0.3 and load_after < 0.3 + ARGS.threads  # The second counts this benchmark's threads.
   print(f"load average (1 min) at start {load_before:.2f}, at end {load_after:.2f} (with this run's "
         f"{ARGS.threads} threads): "
@@ -225,7 +238,10 @@ def main():
     print(f"{name:6s} {seconds * 1e3:8.1f} ms/step (median of {len(times[name])}), {rows[name][0]:8.0f} tok/s, "
           f"{rows[name][1]:6.1f} GFLOP/s (6N) = {rows[name][1] / peak:.0%} MFU, "
           f"{rows[name][2]:6.1f} GFLOP/s with attention; {cpu_med[name]:.2f} CPU-s/step, "
-          f"{tokens / cpu_med[name]:.0f} tok per CPU-s, CPU-time MFU {model_flops / cpu_med[name] / cpu_peak:.0%}")
+          f"{tokens / cpu_med[name]:.0f} tok per CPU-s, CPU-time MFU {model_flops / cpu_med[name] / cpu_peak:.0%}; "
+          f"kernel {statistics.median(k for k, _ in kernel_times[name]):.2f} CPU-s and "
+          f"{statistics.median(f for _, f in kernel_times[name]) * resource.getpagesize() / 2**20:.0f} MiB "
+          "of page faults per step")
   if per_round:
     spread = lambda i: f"{min(r[i] for r in per_round):.2f}-{max(r[i] for r in per_round):.2f}x"
     print(f"per round (ours/torch, {len(per_round)} rounds): tokens/s {spread(0)}, tokens per CPU-s {spread(1)}")
