@@ -39,6 +39,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       data_dir="",  # Empty: the shipped data/ (prompts, demonstrations, templated grades).
       sources=("templated", "handwritten"),  # data/grades train split; data/grader_data/train.
       handwritten_dir="",  # Empty: data/grader_data/train.
+      # The authors whose hand-written rows are trained on (empty: all). hw4 and hw5 are shipped but
+      # not selected: in grader CV they raised the refusal policy's unsafe AUC (0.934 -> 0.944) and
+      # lowered both policies' reward ordering (refusal 0.945 -> 0.891), docs/graders.md.
+      handwritten_authors=("hw1", "hw2", "hw3"),
       half=-1,  # 0 or 1: a disjoint half of the training prompts (two graders on disjoint data).
       handwritten_weight=1.0,  # Loss weight of a hand-written row (a templated row: 1).
       independent_heldout_dir="",  # Empty: data/grader_data/heldout; "none" skips that report.

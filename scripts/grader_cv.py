@@ -1,13 +1,15 @@
 r"""k-fold cross-validation of a reward-model config over the hand-written TRAINING prompts.
 
   nice -n 19 python scripts/grader_cv.py --config=configs/reward_model.py:tiny [--folds=5] \
-    [--policies=safe_completion,refusal] [--config.hidden_dim=512] [--out=cv.json]
+    [--policies=safe_completion,refusal] [--config.hidden_dim=512] [--train_only_authors=hw4] [--out=cv.json]
 
 The model-selection signal for the learned grader (`graders/reward_model.py`): the hand-written
 training rows (`data/grader_data/train`) are split into folds by prompt (no prompt in two folds);
 each fold is graded by a model trained on the other folds plus every templated row, with the figures
 of `graders.validation.validate` (unsafe AUC, mean s of moderate/high violations, reward ordering,
-mode accuracy, helpfulness Spearman, injection). The independent held-out set is never read: choosing
+mode accuracy, helpfulness Spearman, injection). `--train_only_authors` keeps those authors' rows in
+every fold's training set and out of the folds, so that two runs with and without new rows grade
+the same rows: that is how a data addition is chosen. The independent held-out set is never read: choosing
 a config by its figures would make them selection figures. Frozen-encoder features are embedded once
 per process and shared by every fold and policy (`reward_model.embed_texts(cache=True)`).
 """
@@ -36,6 +38,16 @@ from safe_completion.models import encoder as encoder_lib
 # The issue's targets: (figure, direction, bound).
 TARGETS = (("unsafe_auc", ">=", 0.95), ("mean_s_moderate_high", "<=", 0.2), ("reward_ordering", ">=", 0.95),
            ("mode_accuracy", ">=", 0.85), ("helpfulness_spearman", ">=", 0.7), ("injection_max", "<=", 0.02))
+
+
+def split_train_only(rows: Sequence[labeled.LabeledResponse], authors: Sequence[str]
+                     ) -> tuple[list[labeled.LabeledResponse], list[labeled.LabeledResponse]]:
+  """(rows to fold, rows always trained on): the second are those by `authors` (`source` handwritten:<author>)."""
+  sources = {f"handwritten:{a}" for a in authors}
+  missing = sorted(sources - {r.source for r in rows})
+  if missing:
+    raise ValueError(f"train_only_authors: no rows with source {missing}")
+  return [r for r in rows if r.source not in sources], [r for r in rows if r.source in sources]
 
 
 def prompt_folds(rows: Sequence[labeled.LabeledResponse], folds: int, seed: int) -> list[list[int]]:
@@ -73,13 +85,16 @@ def summarize(folds: Sequence[dict]) -> dict[str, float]:
 
 
 def cross_validate(config: ml_collections.ConfigDict, folds: int, policies: Sequence[str],
-                   embedding_cache: str = "") -> dict:
+                   embedding_cache: str = "", train_only_authors: Sequence[str] = ()) -> dict:
   """Per policy: the figures of every fold and their summary."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.sources = ("templated", "handwritten")
+  if config.data.handwritten_authors:  # The train-only authors are loaded whether the config selects them or not.
+    config.data.handwritten_authors = tuple(dict.fromkeys((*config.data.handwritten_authors, *train_only_authors)))
   rows, _ = reward_training.load_rows(config)
   templated = [r for r in rows if not r.source.startswith("handwritten")]
-  handwritten = [r for r in rows if r.source.startswith("handwritten")]
+  handwritten, always_trained = split_train_only([r for r in rows if r.source.startswith("handwritten")],
+                                                 train_only_authors)
   encoder_dir = config.encoder_dir or encoder_lib.DEFAULT_ENCODER_DIR
   encoder_params, encoder_config = rm.load_encoder(encoder_dir)
   if embedding_cache:
@@ -92,7 +107,7 @@ def cross_validate(config: ml_collections.ConfigDict, folds: int, policies: Sequ
     per_fold = []
     for k, held in enumerate(prompt_folds(handwritten, folds, config.seed)):
       held_set = set(held)
-      train_rows = templated + [r for i, r in enumerate(handwritten) if i not in held_set]
+      train_rows = templated + always_trained + [r for i, r in enumerate(handwritten) if i not in held_set]
       started = time.perf_counter()
       with tempfile.TemporaryDirectory() as workdir:
         ckpt = training.checkpoint_manager(config, workdir)
@@ -118,6 +133,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", "", "Where to write the JSON figures (per fold and summary).")
   flags.DEFINE_string("embedding_cache", "", "A file of frozen-encoder embeddings, read before and written "
                       "after the run (later runs skip the encoder for the texts seen).")
+  flags.DEFINE_list("train_only_authors", [], "Hand-written authors whose rows every fold trains on and "
+                    "no fold grades (to compare a data addition on the same graded rows).")
 
 
 def main(argv) -> None:
@@ -125,7 +142,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   started = time.perf_counter()
   logging.set_verbosity(logging.WARNING)
-  results = cross_validate(f.config, f.folds, f.policies, f.embedding_cache)
+  results = cross_validate(f.config, f.folds, f.policies, f.embedding_cache, f.train_only_authors)
   for policy, result in results.items():
     summary = result["summary"]
     print(f"{policy}: " + "  ".join(f"{name} {summary[name]:.3f}{'' if name in summary['met'] else ' (MISSED)'}"
@@ -133,7 +150,8 @@ def main(argv) -> None:
   print(f"{time.perf_counter() - started:.0f} s")
   if f.out:
     with open(f.out, "w") as out:
-      json.dump(dict(config=f.config.to_dict(), folds=f.folds, results=results), out, indent=2)
+      json.dump(dict(config=f.config.to_dict(), folds=f.folds, train_only_authors=f.train_only_authors,
+                     results=results), out, indent=2)
 
 
 if __name__ == "__main__":
