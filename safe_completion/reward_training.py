@@ -65,8 +65,11 @@ def load_rows(config: ml_collections.ConfigDict) -> tuple[list[labeled.LabeledRe
   split_of = {g.id: g.split for g in grades}
   train = [r for r in templated if split_of[r.id] == "train"] if "templated" in sources else []
   if "handwritten" in sources:
-    train += _by_authors(labeled.load_labeled(config.data.handwritten_dir or labeled.TRAIN_DIR)[0],
-                         tuple(config.data.handwritten_authors))
+    handwritten = labeled.load_labeled(config.data.handwritten_dir or labeled.TRAIN_DIR)[0]
+    if config.data.handwritten_authors:
+      handwritten = labeled.split_by_authors(handwritten, config.data.handwritten_authors,
+                                             "data.handwritten_authors")[0]
+    train += handwritten
   if config.data.half in (0, 1):
     train = [r for r in train if _half_of(r.prompt_id) == config.data.half]
   elif config.data.half != -1:
@@ -75,17 +78,6 @@ def load_rows(config: ml_collections.ConfigDict) -> tuple[list[labeled.LabeledRe
     keep = np.random.default_rng(config.seed).permutation(len(train))[:config.data.max_train_rows]
     train = [train[i] for i in sorted(keep)]
   return train, [r for r in templated if split_of[r.id] == "eval"]
-
-
-def _by_authors(rows: list[labeled.LabeledResponse], authors: tuple[str, ...]) -> list[labeled.LabeledResponse]:
-  """The rows whose `source` is handwritten:<author> for one of `authors` (all rows when empty)."""
-  if not authors:
-    return rows
-  sources = {f"handwritten:{a}" for a in authors}
-  missing = sorted(sources - {r.source for r in rows})
-  if missing:
-    raise ValueError(f"data.handwritten_authors: no hand-written rows with source {missing}")
-  return [r for r in rows if r.source in sources]
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:

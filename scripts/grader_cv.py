@@ -40,16 +40,6 @@ TARGETS = (("unsafe_auc", ">=", 0.95), ("mean_s_moderate_high", "<=", 0.2), ("re
            ("mode_accuracy", ">=", 0.85), ("helpfulness_spearman", ">=", 0.7), ("injection_max", "<=", 0.02))
 
 
-def split_train_only(rows: Sequence[labeled.LabeledResponse], authors: Sequence[str]
-                     ) -> tuple[list[labeled.LabeledResponse], list[labeled.LabeledResponse]]:
-  """(rows to fold, rows always trained on): the second are those by `authors` (`source` handwritten:<author>)."""
-  sources = {f"handwritten:{a}" for a in authors}
-  missing = sorted(sources - {r.source for r in rows})
-  if missing:
-    raise ValueError(f"train_only_authors: no rows with source {missing}")
-  return [r for r in rows if r.source not in sources], [r for r in rows if r.source in sources]
-
-
 def prompt_folds(rows: Sequence[labeled.LabeledResponse], folds: int, seed: int) -> list[list[int]]:
   """Row indices of each fold: the prompts (sorted, then shuffled by `seed`) dealt round-robin, so every
   row of a prompt is in one fold."""
@@ -93,8 +83,8 @@ def cross_validate(config: ml_collections.ConfigDict, folds: int, policies: Sequ
     config.data.handwritten_authors = tuple(dict.fromkeys((*config.data.handwritten_authors, *train_only_authors)))
   rows, _ = reward_training.load_rows(config)
   templated = [r for r in rows if not r.source.startswith("handwritten")]
-  handwritten, always_trained = split_train_only([r for r in rows if r.source.startswith("handwritten")],
-                                                 train_only_authors)
+  always_trained, handwritten = labeled.split_by_authors(
+      [r for r in rows if r.source.startswith("handwritten")], train_only_authors, "train_only_authors")
   encoder_dir = config.encoder_dir or encoder_lib.DEFAULT_ENCODER_DIR
   encoder_params, encoder_config = rm.load_encoder(encoder_dir)
   if embedding_cache:

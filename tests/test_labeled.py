@@ -74,3 +74,13 @@ def test_templated_rows_get_refusal_policy_labels_from_the_refusal_arm_decision(
   assert any(r.unsafe("safe_completion") and not r.unsafe("refusal") for r in rows)
   assert any(r.unsafe("refusal") and not r.unsafe("safe_completion") for r in rows)
   assert any(r.label == "vague" and r.unsafe("refusal") for r in rows)
+
+
+def test_split_by_authors_partitions_by_source_and_names_the_field():
+  rows = labeled.load_labeled(labeled.TRAIN_DIR)[0]
+  always, folded = labeled.split_by_authors(rows, ["hw3"], "train_only_authors")
+  assert always and {r.source for r in always} == {"handwritten:hw3"}
+  assert "handwritten:hw3" not in {r.source for r in folded} and len(folded) + len(always) == len(rows)
+  assert labeled.split_by_authors(rows, [], "train_only_authors") == ([], list(rows))
+  with pytest.raises(ValueError, match="train_only_authors: no rows with source"):
+    labeled.split_by_authors(rows, ["nobody"], "train_only_authors")

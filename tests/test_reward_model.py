@@ -137,7 +137,6 @@ def test_training_rows_mix_sources_and_halves_are_disjoint():
   assert not {r.prompt_id for r in halves[0]} & {r.prompt_id for r in halves[1]}
 
 
-
 def test_handwritten_authors_select_the_trained_rows():
   every = labeled.load_labeled(labeled.TRAIN_DIR)[0]
   config = _config()
@@ -152,6 +151,7 @@ def test_handwritten_authors_select_the_trained_rows():
   config.data.handwritten_authors = ("hw1", "nobody")
   with pytest.raises(ValueError, match=r"data.handwritten_authors: .*handwritten:nobody"):
     reward_training.load_rows(config)
+
 
 def test_targets_follow_the_chosen_policy(eval_rows):
   partial = [r for r in eval_rows if r.refusal_policy_request == "refuse" and r.mode == "safe_completion"
@@ -283,17 +283,6 @@ def test_cv_folds_never_share_a_prompt():
   assert cv.prompt_folds(rows, 5, seed=1) != folds
   with pytest.raises(ValueError, match="folds: 1"):
     cv.prompt_folds(rows, 1, seed=0)
-
-
-def test_cv_train_only_authors_are_trained_on_and_never_graded():
-  cv = _load_cv_script()
-  rows = labeled.load_labeled(labeled.TRAIN_DIR)[0]
-  folded, always = cv.split_train_only(rows, ["hw3"])
-  assert always and {r.source for r in always} == {"handwritten:hw3"}
-  assert "handwritten:hw3" not in {r.source for r in folded} and len(folded) + len(always) == len(rows)
-  assert cv.split_train_only(rows, []) == (list(rows), [])
-  with pytest.raises(ValueError, match="train_only_authors: no rows with source"):
-    cv.split_train_only(rows, ["nobody"])
 
 
 def test_cv_summary_pools_ordering_by_pairs_and_checks_targets():

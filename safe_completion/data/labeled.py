@@ -124,6 +124,16 @@ def load_labeled(paths: reading.Paths | Path = TRAIN_DIR, *,
   return rows, report
 
 
+def split_by_authors(rows: Sequence[LabeledResponse], authors: Sequence[str], field: str
+                     ) -> tuple[list[LabeledResponse], list[LabeledResponse]]:
+  """(the rows by `authors`, the others); an author without rows is an error naming `field`."""
+  sources = {f"handwritten:{a}" for a in authors}
+  missing = sorted(sources - {r.source for r in rows})
+  if missing:
+    raise ValueError(f"{field}: no rows with source {missing}")
+  return [r for r in rows if r.source in sources], [r for r in rows if r.source not in sources]
+
+
 _SEVERITY_ORDER = {s: i for i, s in enumerate(taxonomy.SEVERITIES)}
 
 
