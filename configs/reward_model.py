@@ -64,7 +64,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.learning_rate = 3e-3
   config.encoder_learning_rate = 2e-5
   config.weight_decay = 1e-4
-  config.loss_weights = mlc.ConfigDict(dict(safety=1.0, severity=1.0, mode=1.0, helpfulness=1.0))
+  # ordering: the pairwise loss of the reward r = h x s over each prompt's (safe helpful, unsafe) training
+  # responses (reward_training.head_loss); full-batch training only.
+  config.loss_weights = mlc.ConfigDict(dict(safety=1.0, severity=1.0, mode=1.0, helpfulness=1.0, ordering=0.0))
+  config.ordering_temperature = 0.1  # Of that loss: reward margins well above it cost nothing.
   config.log_every = 10
   config.checkpoint = common.checkpointing(every_steps=100)  # A killed run resumes from the latest one.
   config.wandb = common.wandb()

@@ -96,14 +96,26 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
   return optax.multi_transform({"heads": heads, "encoder": encoder}, {"heads": "heads", "encoder": "encoder"}), schedule
 
 
-def head_loss(params: dict, embeddings: jax.Array, targets: dict, weights: dict) -> tuple[jax.Array, dict]:
+def head_loss(params: dict, embeddings: jax.Array, targets: dict, weights: dict,
+              ordering_temperature: float = 0.1) -> tuple[jax.Array, dict]:
   """Weighted sum of safety BCE (soft targets) and the three cross-entropies, each a mean over rows
-  weighted by `targets["row_weight"]`; per-head terms as aux."""
+  weighted by `targets["row_weight"]`; per-head terms as aux.
+
+  With `targets["pairs"]` (i32[P, 2], batch positions of a safe helpful and an unsafe response to one
+  prompt) and `weights["ordering"]`, also the pairwise logistic loss of the reward r = h x s the grader
+  pays, softplus(-(r_safe - r_unsafe) / temperature): the per-row losses fit s and h apart, while
+  validation's reward ordering is about their product.
+  """
   logits = rm.head_logits(params, embeddings)
   row_weight = targets["row_weight"] / targets["row_weight"].sum()
   terms = {"safety": optax.sigmoid_binary_cross_entropy(logits["safety"], targets["safety"]) @ row_weight}
   for name in ("severity", "mode", "helpfulness"):
     terms[name] = optax.softmax_cross_entropy_with_integer_labels(logits[name], targets[name]) @ row_weight
+  if "pairs" in targets:
+    expected = jax.nn.softmax(logits["helpfulness"], axis=-1) @ jnp.asarray(rm.RATINGS, jnp.float32)
+    reward = jax.nn.sigmoid(logits["safety"]) * (expected - rm.RATINGS[0]) / (rm.RATINGS[-1] - rm.RATINGS[0])
+    margin = reward[targets["pairs"][:, 0]] - reward[targets["pairs"][:, 1]]
+    terms["ordering"] = jax.nn.softplus(-margin / ordering_temperature).mean()
   return sum(weights[k] * v for k, v in terms.items()), terms
 
 
@@ -122,7 +134,7 @@ def loss_fn(params: dict, batch: Any, targets: dict, *, config: ml_collections.C
   if "encoder" in params:
     batch = jnp.concatenate([rm.embed_tokens(params["encoder"], encoder_config, batch[part], config.normalize)
                              for part in config.features if part in rm.TEXT_PARTS] + [batch["side"]], axis=-1)
-  return head_loss(params["heads"], batch, targets, dict(config.loss_weights))
+  return head_loss(params["heads"], batch, targets, dict(config.loss_weights), config.ordering_temperature)
 
 
 def train_step(state: training.State, batch: Any, targets: dict, *, optimizer: optax.GradientTransformation,
@@ -169,6 +181,10 @@ def fit(config: ml_collections.ConfigDict, rows: Sequence[labeled.LabeledRespons
         prompt_budget=config.prompt_budget, normalize=config.normalize, batch_size=config.embed_batch_size,
         cache=True), side], axis=1)
   batch_size = min(config.batch_size or n, n)
+  pairs = np.asarray(validation.ordering_pairs(rows, config.policy), np.int32).reshape(-1, 2)
+  if config.loss_weights.get("ordering", 0.0) and batch_size < n:
+    raise ValueError(f"loss_weights.ordering: the reward-ordering loss needs full-batch training (batch_size 0 "
+                     f"or >= {n} rows), not batch_size {config.batch_size}")
   optimizer, schedule = make_optimizer(config)
   state, start_step = create_state(config, optimizer, encoder_params,
                                    rm.feature_dim(config, encoder_config.hidden_size), ckpt)
@@ -184,7 +200,12 @@ def fit(config: ml_collections.ConfigDict, rows: Sequence[labeled.LabeledRespons
       batch["side"] = side[index]
     else:
       batch = inputs[index]
-    state, step_metrics = step_fn(state, batch, {k: v[index] for k, v in targets.items()})
+    batch_targets = {k: v[index] for k, v in targets.items()}
+    if config.loss_weights.get("ordering", 0.0) and len(pairs):
+      position = np.empty(n, np.int32)
+      position[index] = np.arange(n, dtype=np.int32)  # A full batch is a permutation of the rows.
+      batch_targets["pairs"] = position[pairs]
+    state, step_metrics = step_fn(state, batch, batch_targets)
     step_metrics = jax.device_get(step_metrics)
     training.stop_if_non_finite(ckpt, step, bool(step_metrics["non_finite"]),
                                 f"reward-model loss {step_metrics['loss']} / gradient norm {step_metrics['grad_norm']}")

@@ -375,3 +375,44 @@ def test_row_weight_equals_repeating_the_row():
   config.data.handwritten_weight = 0.0
   with pytest.raises(ValueError, match="data.handwritten_weight: 0.0"):
     reward_training.row_weights(rows, config)
+
+
+def test_ordering_loss_against_hand_computed_case():
+  rng = np.random.default_rng(0)
+  heads = rm.init_heads(jax.random.key(2), 6, 4)
+  x = rng.normal(size=(4, 6)).astype(np.float32)
+  targets = dict(safety=np.array([1.0, 0.0, 1.0, 0.0], np.float32), severity=np.array([0, 4, 0, 3]),
+                 mode=np.array([0, 0, 1, 0]), helpfulness=np.array([3, 3, 2, 3]), row_weight=np.ones(4))
+  weights = dict(safety=1.0, severity=1.0, mode=1.0, helpfulness=1.0, ordering=2.0)
+  pairs = np.array([[0, 1], [2, 1], [2, 3]], np.int32)
+  total, terms = reward_training.head_loss(heads, x, {**targets, "pairs": pairs}, weights, 0.05)
+  scored = jax.device_get(rm.score(heads, x))
+  reward = scored["safety"] * (scored["expected_rating"] - 1) / 3
+  margin = reward[pairs[:, 0]] - reward[pairs[:, 1]]
+  np.testing.assert_allclose(terms["ordering"], np.mean(np.log1p(np.exp(-margin / 0.05))), rtol=1e-5)
+  without, _ = reward_training.head_loss(heads, x, targets, weights)
+  np.testing.assert_allclose(total - without, 2.0 * terms["ordering"], rtol=1e-5)
+
+
+def test_ordering_loss_orders_the_training_pairs_and_needs_full_batches(encoder_and_tokenizer, tmp_path):
+  rows = reward_training.load_rows(_config())[0]
+  prompts = sorted({rows[g].prompt_id for g, _ in validation.ordering_pairs(rows, "refusal")})[:12]
+  rows = [r for r in rows if r.prompt_id in prompts]
+  pairs = validation.ordering_pairs(rows, "refusal")
+  assert len(pairs) >= 12
+
+  def ordered(ordering_weight):
+    config = _config(num_steps=40, max_len=64, policy="refusal")
+    config.loss_weights.ordering = ordering_weight
+    params, _ = _fit(config, tmp_path / str(ordering_weight), encoder_and_tokenizer, rows)
+    grader = rm.RewardModelGrader(params["heads"], encoder_and_tokenizer[0], encoder_and_tokenizer[1],
+                                  encoder_and_tokenizer[2], config)
+    p = grader.predict(*_pairs(rows))
+    reward = p["safety"] * (p["expected_rating"] - 1) / 3
+    return np.mean([reward[g] - reward[b] for g, b in pairs])
+
+  assert ordered(4.0) > ordered(0.0) + 0.05
+  config = _config(batch_size=8)
+  config.loss_weights.ordering = 1.0
+  with pytest.raises(ValueError, match="loss_weights.ordering: .* full-batch"):
+    _fit(config, tmp_path / "minibatch", encoder_and_tokenizer, rows)
