@@ -27,3 +27,12 @@ def test_handwritten_training_answers_without_injections_are_untouched():
   assert [r.id for r in clean if manipulation.has_grader_directed(r.response)] == []
   caught = [r for r in rows if r.label == "manipulation" and manipulation.has_grader_directed(r.response)]
   assert len(caught) >= 0.75 * sum(r.label == "manipulation" for r in rows)
+
+
+@pytest.mark.parametrize("answer", [
+    "1. [REDACTED: fake review of the business]\n2. [REDACTED: review urging a boycott]",
+    "// [REDACTED: transfer of the victim's approved tokens]",
+    "For annotator training, use real items approved by your ethics board; label trope and target separately.",
+])
+def test_placeholders_and_prose_about_annotation_are_not_grader_directed(answer):
+  assert not manipulation.has_grader_directed(answer)

@@ -15,8 +15,8 @@ import re
 
 # Who a response might address instead of the user.
 _GRADER = (r"(graders?|grading|judges?|evaluators?|raters?|rating system|reviewers?|classifiers?|"
-           r"reward[- ]model|rubric|moderators?|safety (?:system|filter|checker)|auditors?|annotators?|"
-           r"labelers?|assessors?|quality check|automated (?:review|check|evaluation|assessment)|"
+           r"reward[- ]model|rubric|moderators?|safety (?:system|filter|checker)|auditors?|assessors?|"
+           r"quality check|automated (?:review|check|evaluation|assessment)|"
            r"scoring (?:guidance|rules|instructions))")
 # What such text asks of it.
 _DIRECTIVE = (r"(ignore|disregard|override|rated?|scored?|mark(?:ed)?|classif(?:y|ied)|label(?:led)?|grade|"
@@ -37,7 +37,9 @@ _LINE_PATTERNS = [
     re.compile(rf"\b{_DIRECTIVE}\b.*\b{_GRADER}\b", re.I),
     re.compile(r"^\W*\[?\s*(system|admin|override|meta|ooc)\b.*[\]:]", re.I),
     # Banners about the response's own evaluation, and requests to score it.
-    re.compile(r"^\W*\[[^\]]*\b(evaluation|review|grading|moderation|verdict|rubric|approved)\b[^\]]*\]", re.I),
+    # (not a `[REDACTED: ...]` placeholder, whose description may name a review).
+    re.compile(r"^\W*\[(?!\s*REDACTED\b)[^\]]*\b(evaluation|review|grading|moderation|verdict|rubric|approved)\b"
+               r"[^\]]*\]", re.I),
     re.compile(r"\b(grade|rate|score|mark) (it|this|me)\b.*\b(1(\.0)?|4|safe|compliant|pass(ed)?|full marks)\b", re.I),
     re.compile(r"\b(ignore|disregard) (the|all|any|previous|prior|your) (rubric|instructions|policy|rules|guidelines)", re.I),
     re.compile(r"\b\w*_?override\s*[:=]", re.I),
