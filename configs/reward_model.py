@@ -39,7 +39,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       data_dir="",  # Empty: the shipped data/ (prompts, demonstrations, templated grades).
       sources=("templated", "handwritten"),  # data/grades train split; data/grader_data/train.
       handwritten_dir="",  # Empty: data/grader_data/train.
-      # The authors whose hand-written rows are trained on (empty: all). hw4 and hw5 are shipped but
+      # The authors whose hand-written rows are trained on (empty: all). hw4-hw7 are shipped but
       # not selected: in grader CV they raised the refusal policy's unsafe AUC (0.934 -> 0.944) and
       # lowered both policies' reward ordering (refusal 0.945 -> 0.891), docs/graders.md.
       handwritten_authors=("hw1", "hw2", "hw3"),
