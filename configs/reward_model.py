@@ -17,11 +17,12 @@ from configs import common
 PRESETS = {
     "tiny": {"finetune_encoder": False, "num_steps": 300, "batch_size": 0, "learning_rate": 3e-3},  # 0: all rows.
     "finetune": {"finetune_encoder": True, "num_steps": 300, "batch_size": 16, "learning_rate": 1e-3},
-    # Hashed response 1-2-grams beside the embeddings and hand-written rows weighted 2: chosen by
-    # scripts/grader_cv.py (5-fold CV over the hand-written training prompts; docs/graders.md has the figures).
+    # Hashed response 1-2-grams beside the embeddings, hand-written rows weighted 2 and the reward-ordering
+    # loss at weight 4: chosen by scripts/grader_cv.py (5-fold CV over the hand-written training prompts;
+    # docs/graders.md has the figures).
     "transfer": {"finetune_encoder": False, "num_steps": 300, "batch_size": 0, "learning_rate": 3e-3,
                  "features": ("prompt", "response", "category", "response_ngrams"), "ngram_buckets": 1024,
-                 "data.handwritten_weight": 2.0},
+                 "data.handwritten_weight": 2.0, "loss_weights.ordering": 4.0},
 }
 RUNLOCAL = {"num_steps": 10, "data.max_train_rows": 64, "max_len": 64, "log_every": 5}
 
@@ -39,10 +40,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       data_dir="",  # Empty: the shipped data/ (prompts, demonstrations, templated grades).
       sources=("templated", "handwritten"),  # data/grades train split; data/grader_data/train.
       handwritten_dir="",  # Empty: data/grader_data/train.
-      # The authors whose hand-written rows are trained on (empty: all). hw4-hw7 are shipped but
-      # not selected: in grader CV they raised the refusal policy's unsafe AUC (0.934 -> 0.944) and
-      # lowered both policies' reward ordering (refusal 0.945 -> 0.891), docs/graders.md.
-      handwritten_authors=("hw1", "hw2", "hw3"),
+      # The authors whose hand-written rows are trained on (empty: all seven, hw1-hw7). With the
+      # reward-ordering loss (transfer), hw4-hw7 raised both policies' CV unsafe AUC (docs/graders.md).
+      handwritten_authors=(),
       half=-1,  # 0 or 1: a disjoint half of the training prompts (two graders on disjoint data).
       handwritten_weight=1.0,  # Loss weight of a hand-written row (a templated row: 1).
       independent_heldout_dir="",  # Empty: data/grader_data/heldout; "none" skips that report.

@@ -141,13 +141,11 @@ def test_handwritten_authors_select_the_trained_rows():
   every = labeled.load_labeled(labeled.TRAIN_DIR)[0]
   config = _config()
   config.data.sources = ("handwritten",)
-  default = reward_training.load_rows(config)[0]
-  assert {r.source for r in default} == {f"handwritten:{a}" for a in config.data.handwritten_authors}
-  assert len(default) < len(every)  # Shipped rows of authors not selected are left out.
-  config.data.handwritten_authors = ()
-  assert reward_training.load_rows(config)[0] == every
-  config.data.handwritten_authors = ("hw4",)
-  assert {r.source for r in reward_training.load_rows(config)[0]} == {"handwritten:hw4"}
+  assert reward_training.load_rows(config)[0] == every  # The default, (): every author's rows.
+  config.data.handwritten_authors = ("hw4", "hw6")
+  chosen = reward_training.load_rows(config)[0]
+  assert {r.source for r in chosen} == {"handwritten:hw4", "handwritten:hw6"}
+  assert chosen == [r for r in every if r.source in ("handwritten:hw4", "handwritten:hw6")]
   config.data.handwritten_authors = ("hw1", "nobody")
   with pytest.raises(ValueError, match=r"data.handwritten_authors: .*handwritten:nobody"):
     reward_training.load_rows(config)
