@@ -174,8 +174,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.seed = 0
   config.seeds = 1  # Each arm is trained this many times (seeds seed, seed + 1, ...).
   # Learned graders, trained on disjoint halves of the grader data's prompts with different seeds; the
-  # `transfer` preset (hashed response n-grams beside the frozen embeddings) is the one chosen by
-  # cross-validation over the hand-written training prompts (docs/graders.md).
+  # `transfer` preset (hashed response n-grams beside the frozen embeddings, every hand-written author,
+  # the reward-ordering loss) is the one chosen by cross-validation over the hand-written training
+  # prompts (docs/graders.md).
   reward, judge = reward_model.get_config("transfer"), reward_model.get_config("transfer")
   reward.data.half, judge.data.half, judge.seed = 0, 1, 1
   config.reward_models = mlc.ConfigDict({"reward": reward, "eval": judge})
